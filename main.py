@@ -1,0 +1,810 @@
+"""Ad Metrics API: daily advertising metrics from a SQLite star schema.
+
+GET /metrics filters, groups, sorts and pages the metrics and adds totals; GET
+/dimensions lists the values to filter by; GET /health reports on the database and on
+the heartbeat, a job that records one run per 6-hour UTC slot across all workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import sqlite3
+import sys
+import time
+from bisect import bisect_left, bisect_right
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from functools import lru_cache
+from typing import Annotated, Literal, get_args
+from urllib.parse import quote, unquote_plus
+
+import aiosqlite
+import uvicorn
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.interval import IntervalTrigger
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+
+def positive(name: str, default: str, kind: type = int):
+    """Read a positive number from the environment, or stop, naming the variable."""
+    raw = os.environ.get(name, default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise SystemExit(f"{name} must be a positive {kind.__name__}, not {raw!r}")
+    return value
+
+
+DB_PATH = os.environ.get("ADS_DB", "ads.db")
+HOST = os.environ.get("HOST", "127.0.0.1")
+PORT = positive("PORT", "8000")
+HEARTBEAT_INTERVAL_SECONDS = positive("HEARTBEAT_INTERVAL_SECONDS", "21600")
+QUERY_TIMEOUT_SECONDS = positive("QUERY_TIMEOUT_SECONDS", "10", float)
+LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
+if LOG_LEVEL not in logging.getLevelNamesMapping():
+    raise SystemExit(
+        f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {LOG_LEVEL!r}"
+    )
+# More than the cores, so that a light query never queues behind heavy ones.
+READ_CONNECTIONS = 8
+
+log = logging.getLogger("ad_metrics")
+
+# The allow-lists: every identifier in the SQL below comes from these.
+FACT = "fact_ad_metrics_daily"
+DIMENSIONS = {  # API name -> (fact column, dimension table, name column)
+    "region": ("region_id", "dim_region", "region_name"),
+    "age_group": ("age_id", "dim_age_group", "age_range"),
+    "gender": ("gender_id", "dim_gender", "gender_name"),
+    "platform": ("platform_id", "dim_platform", "platform_name"),
+    "placement": ("placement_id", "dim_placement", "placement_name"),
+    "device_type": ("device_type_id", "dim_device_type", "device_type_name"),
+}
+GroupField = Literal[
+    "date", "week", "month", "region", "age_group", "gender", "platform", "placement",
+    "device_type",
+]  # fmt: skip
+GROUP_FIELDS = list(get_args(GroupField))
+PERIODS = {  # a period's label, from dim_date.date_value
+    "week": "date(date_value, 'weekday 0', '-6 days')",  # the Monday of the ISO week
+    "month": "substr(date_value, 1, 7)",
+}
+DEFAULT_GROUP_BY = ["date", *DIMENSIONS]  # the fact table's grain: one row per fact row
+BASE_METRICS = ["impressions", "clicks", "cost", "conversions", "likes"]
+CENTS = "CAST(round(100 * cost) AS INTEGER)"
+DERIVED_METRICS = {  # ratio -> (numerator in millionths, denominator), over a group's sums
+    "ctr": ("1000000 * clicks", "impressions"),
+    "cpc": (f"10000 * {CENTS}", "clicks"),
+    "cpm": (f"10000000 * {CENTS}", "impressions"),
+    "cpa": (f"10000 * {CENTS}", "conversions"),
+    "conversion_rate": ("1000000 * conversions", "clicks"),
+}
+METRICS = [*BASE_METRICS, *DERIVED_METRICS]
+# The output values. Cost is money: it is reported in whole cents, and the ratios are
+# exact fractions of the reported values, rounded half-up to 6 decimals in integer
+# arithmetic, (2n + d) / 2d, so no float error ever shows. A zero denominator is null.
+OUTPUTS = ", ".join(
+    ["impressions", "clicks", f"{CENTS} / 100.0 AS cost", "conversions", "likes"]
+    + [
+        f"(2 * {n} + {d}) / NULLIF(2 * {d}, 0) / 1e6 AS {m}"
+        for m, (n, d) in DERIVED_METRICS.items()
+    ]
+)
+METRICS_JSON = ", ".join(f"'{m}', {m}" for m in METRICS)
+
+
+class StartupError(Exception):
+    """Keeps the service from starting; its message is the one line the operator sees."""
+
+
+class Unavailable(Exception):
+    """The database cannot answer now (503); the message says why."""
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What a database file holds besides its facts, read once when it is opened."""
+
+    dates: list[str]  # ISO dates, in date order
+    date_ids: list[int]  # their ids, in the same order
+    ids: dict[str, dict[str, int]]  # dimension -> casefolded name -> id
+    names: dict[str, list[str]]  # dimension -> names, in id order
+    dates_follow_ids: bool  # date_id order is date order, so the key sorts by date
+    one_row_per_key: bool  # the seven ids are a unique key of the fact table
+    listing: bytes  # the body of GET /dimensions
+
+    def ids_between(self, start: date | None, end: date | None) -> list[int]:
+        """Return the ids of the dates from start to end, both included."""
+        lo = bisect_left(self.dates, start.isoformat()) if start else 0
+        hi = bisect_right(self.dates, end.isoformat()) if end else len(self.dates)
+        return self.date_ids[lo:hi]
+
+
+async def load_catalog(db: aiosqlite.Connection) -> Catalog:
+    """Read the dimension tables, checking the columns the queries use."""
+    id_columns = [column for column, _, _ in DIMENSIONS.values()]
+    await db.execute_fetchall(
+        f"SELECT {', '.join(id_columns + BASE_METRICS)} FROM {FACT} LIMIT 0"
+    )
+    dates = await db.execute_fetchall("SELECT date_value, date_id FROM dim_date")
+    for value, _ in dates:
+        if not isinstance(value, str) or date.fromisoformat(value).isoformat() != value:
+            raise ValueError(f"dim_date holds {value!r}, not a YYYY-MM-DD date")
+    dates = sorted(dates)
+    ids, names = {}, {}
+    for dim, (column, table, name) in DIMENSIONS.items():
+        rows = await db.execute_fetchall(
+            f"SELECT {column}, {name} FROM {table} ORDER BY 1"
+        )
+        names[dim] = [str(n) for _, n in rows]
+        ids[dim] = {
+            str(n).casefold(): i for i, n in reversed(rows)
+        }  # a clash: first id
+    unique_keys: dict[str, set[str]] = {}
+    for index, column in await db.execute_fetchall(
+        "SELECT il.name, ii.name FROM pragma_index_list(?) AS il "
+        "JOIN pragma_index_info(il.name) AS ii WHERE il.\"unique\"", [FACT]
+    ):  # fmt: skip
+        unique_keys.setdefault(index, set()).add(column)
+    listing = {
+        "date": {
+            "first": dates[0][0] if dates else None,
+            "last": dates[-1][0] if dates else None,
+        }
+    }
+    return Catalog(
+        dates=[d for d, _ in dates],
+        date_ids=[i for _, i in dates],
+        ids=ids,
+        names=names,
+        dates_follow_ids=[i for _, i in dates] == sorted(i for _, i in dates),
+        one_row_per_key={"date_id", *id_columns} in unique_keys.values(),
+        listing=json.dumps({**listing, **names}).encode(),
+    )
+
+
+class Database:
+    """Read-only connections to the file at `path`, kept open and reopened when the
+    file is replaced. Each connection runs its queries in its own thread."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path, self.timeout = path, timeout
+        self.idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
+        self.connections: list[aiosqlite.Connection] = []
+        self.file_id: tuple[int, int] | None = None  # (device, inode) of the open file
+        self.catalog: Catalog | None = None
+        self.checked_at = float("-inf")
+        self.lock = asyncio.Lock()
+
+    async def current(self) -> Catalog:
+        """Return the catalog of the file at the path, opening it if it is new.
+
+        The path is looked at once a second at most: a stat() on every request costs
+        more than a small query, because the call hands the GIL to the query threads.
+        """
+        if self.catalog is None or time.monotonic() - self.checked_at >= 1.0:
+            try:
+                st = os.stat(self.path)
+            except OSError as e:
+                raise Unavailable(
+                    f"database {self.path} is missing: {e.strerror}"
+                ) from None
+            async with self.lock:
+                if self.catalog is None or (st.st_dev, st.st_ino) != self.file_id:
+                    await self.close()
+                    await self.open((st.st_dev, st.st_ino))
+                self.checked_at = time.monotonic()
+        return self.catalog
+
+    async def open(self, file_id: tuple[int, int]) -> None:
+        uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"
+        try:
+            for _ in range(READ_CONNECTIONS):
+                db = await aiosqlite.connect(uri, uri=True, cached_statements=1024)
+                self.connections.append(db)
+                self.idle.put_nowait(db)
+            self.catalog = await load_catalog(db)
+        except (sqlite3.Error, ValueError) as e:
+            await self.close()
+            raise Unavailable(f"database {self.path} cannot be read: {e}") from None
+        self.file_id = file_id
+
+    async def close(self) -> None:
+        connections, self.connections, self.catalog = self.connections, [], None
+        self.idle = asyncio.Queue()
+        for db in connections:
+            await db.close()  # after the query it is running, if any
+
+    async def fetch(self, sql: str, params: list) -> list[tuple]:
+        """Run one statement on an idle connection, interrupted at the time limit."""
+        await self.current()
+        idle = self.idle  # the connection goes back to its own pool, even if reopened
+        db = await idle.get()
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.timeout, lambda: loop.create_task(db.interrupt()))
+        try:
+            return await db.execute_fetchall(sql, params)
+        except asyncio.CancelledError:
+            await db.interrupt()  # the client is gone: free the connection
+            raise
+        except (
+            sqlite3.DatabaseError,
+            ValueError,
+        ) as e:  # ValueError: closed by a reopen
+            if type(e) not in (
+                sqlite3.OperationalError,
+                sqlite3.DatabaseError,
+                ValueError,
+            ):
+                raise  # a programming error, not a fault of the file
+            if str(e) == "interrupted" and loop.time() >= timer.when():
+                raise Unavailable(
+                    f"the query ran longer than {self.timeout:g} s and was stopped; "
+                    "narrow the date range, add filters or group by fewer fields"
+                ) from None
+            log.warning("database %s failed: %s", self.path, e)
+            self.catalog = (
+                None  # reopen, and read the catalog again, on the next request
+            )
+            raise Unavailable(f"database {self.path} cannot be read: {e}") from None
+        finally:
+            timer.cancel()
+            idle.put_nowait(db)
+
+
+def split_values(values: list[str], info: ValidationInfo) -> list[str]:
+    """Take repeated and comma-separated values; refuse empty and repeated ones."""
+    items = [item.strip() for value in values for item in value.split(",")]
+    seen = set()
+    for item in items:
+        if not item:
+            raise PydanticCustomError(
+                "string_too_short", f"{info.field_name} has an empty value"
+            )
+        if item.removeprefix("-").casefold() in seen:  # "-cost" repeats "cost" in sort
+            raise PydanticCustomError(
+                "value_error", f"{info.field_name} lists {shorten(item)} more than once"
+            )
+        seen.add(item.removeprefix("-").casefold())
+    return items
+
+
+def shorten(value: str) -> str:
+    """Quote a client's value for a message, cut to a readable length."""
+    return repr(value if len(value) <= 60 else value[:60] + "…")
+
+
+def not_one_of(field: str, value: str, valid: list[str]) -> PydanticCustomError:
+    return PydanticCustomError(
+        "literal_error", f"{field} {shorten(value)} is not one of: {', '.join(valid)}"
+    )
+
+
+def filter_field(dim: str) -> list[str]:
+    return Field(
+        default_factory=list,
+        description=f"Keep only these {dim.replace('_', ' ')} values (see GET /dimensions): "
+        "repeat the parameter or separate values with commas; case-insensitive.",
+    )
+
+
+class MetricsQuery(BaseModel):
+    """The query parameters of GET /metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_date: date | None = Field(
+        None, description="First day, inclusive: YYYY-MM-DD."
+    )
+    end_date: date | None = Field(None, description="Last day, inclusive: YYYY-MM-DD.")
+    region: list[str] = filter_field("region")
+    age_group: list[str] = filter_field("age_group")
+    gender: list[str] = filter_field("gender")
+    platform: list[str] = filter_field("platform")
+    placement: list[str] = filter_field("placement")
+    device_type: list[str] = filter_field("device_type")
+    group_by: list[GroupField] = Field(
+        default_factory=lambda: list(DEFAULT_GROUP_BY),
+        description="The breakdown, in output order; at most one of date, week and month. "
+        "Default: the seven fact dimensions, one row per fact row.",
+    )
+    sort: list[str] = Field(
+        default_factory=list,
+        description="Output fields to sort by, '-' for descending: grouped fields or "
+        f"metrics ({', '.join(METRICS)}). The group_by fields then break ties.",
+    )
+    limit: int = Field(100, ge=1, le=1000, description="Rows per page.")
+    offset: int = Field(0, ge=0, le=2**63 - 1, description="Rows to skip.")
+
+    @field_validator("start_date", "end_date", mode="before")
+    @classmethod
+    def iso_date(cls, value: object, info: ValidationInfo) -> object:
+        """Accept YYYY-MM-DD only, and only real dates."""
+        if not isinstance(value, str):
+            return value
+        try:
+            if re.fullmatch("[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+                return date.fromisoformat(value)
+            problem = "is not a date in YYYY-MM-DD form"
+        except ValueError:
+            problem = "is not a real date"
+        raise PydanticCustomError(
+            "date_parsing", f"{info.field_name} {shorten(value)} {problem}"
+        )
+
+    @field_validator("end_date")
+    @classmethod
+    def end_after_start(cls, end: date | None, info: ValidationInfo) -> date | None:
+        start = info.data.get("start_date")
+        if start and end and end < start:
+            raise PydanticCustomError(
+                "value_error", f"end_date {end} is before start_date {start}"
+            )
+        return end
+
+    @field_validator(*DIMENSIONS)
+    @classmethod
+    def split(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        return split_values(values, info)
+
+    @field_validator("group_by", mode="before")
+    @classmethod
+    def check_group_by(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        fields = split_values(values, info)
+        for field in fields:
+            if field not in GROUP_FIELDS:
+                raise not_one_of("group_by", field, GROUP_FIELDS)
+        periods = [f for f in fields if f in ("date", *PERIODS)]
+        if len(periods) > 1:
+            raise PydanticCustomError(
+                "value_error",
+                f"group_by takes one of date, week and month, not {periods}",
+            )
+        return fields
+
+    @field_validator("sort")
+    @classmethod
+    def check_sort(cls, values: list[str], info: ValidationInfo) -> list[str]:
+        """Sort by output fields only, each once."""
+        sort = split_values(values, info)
+        valid = [*info.data.get("group_by", GROUP_FIELDS), *METRICS]
+        for item in sort:
+            if item.removeprefix("-") not in valid:
+                raise not_one_of("sort", item, valid)
+        return sort
+
+
+def resolve_filters(query: MetricsQuery, catalog: Catalog) -> dict[str, list[int]]:
+    """Map each filter's names to ids, or answer 422 with the valid names."""
+    filters, errors = {}, []
+    for dim in DIMENSIONS:
+        known = catalog.ids[dim]
+        for name in getattr(query, dim):
+            if name.casefold() not in known:
+                message = f"{dim} {shorten(name)} is not one of: {', '.join(catalog.names[dim])}"
+                errors.append(
+                    {
+                        "type": "literal_error",
+                        "loc": ("query", dim),
+                        "msg": message,
+                        "input": name,
+                    }
+                )
+        if getattr(query, dim):
+            filters[dim] = [known.get(name.casefold()) for name in getattr(query, dim)]
+    if errors:
+        raise RequestValidationError(errors)
+    return filters
+
+
+def column(field: str) -> str:
+    """Name the column that holds a group_by field in the grouped rows."""
+    if field in DIMENSIONS:
+        return DIMENSIONS[field][0]
+    return "date_id" if field == "date" else field
+
+
+def label(field: str) -> tuple[str, str]:
+    """Return the SQL for a page row's output value of a group_by field, and the join
+    that supplies it: a LEFT JOIN keeps the page's order, and rows with unknown ids."""
+    if field in PERIODS:
+        return f"page.{field}", ""
+    id_column, table, name = DIMENSIONS.get(
+        field, ("date_id", "dim_date", "date_value")
+    )
+    return (
+        f"{table}.{name}",
+        f" LEFT JOIN {table} ON {table}.{id_column} = page.{id_column}",
+    )
+
+
+@lru_cache(maxsize=1024)
+def build_sql(
+    fields: tuple[str, ...],
+    sort: tuple[str, ...],
+    filtered: tuple[str, ...],
+    dated: bool,
+    dates_follow_ids: bool,
+    one_row_per_key: bool,
+) -> str:
+    """Write the one statement for a query of this shape. Its one row holds the page
+    as JSON, the totals as JSON and the number of groups: SQLite does all the work,
+    and the thread that runs it hands back a single value."""
+    where = ["date_id IN (SELECT value FROM json_each(?))"] * dated + [
+        f"{DIMENSIONS[dim][0]} IN (SELECT value FROM json_each(?))" for dim in filtered
+    ]
+    where_sql = f"WHERE {' AND '.join(where)}" if where else ""
+    # Aggregate on the fact table's own ids; names are looked up for the page only.
+    ids = ", ".join(DIMENSIONS[f][0] if f in DIMENSIONS else "date_id" for f in fields)
+    sums = ", ".join(f"sum({m}) AS {m}" for m in BASE_METRICS)
+    if set(fields) == set(DEFAULT_GROUP_BY) and one_row_per_key:
+        # A group is a fact row: nothing to aggregate, and read in key order, the
+        # page stops at its last row instead of sorting them all.
+        groups = f"SELECT {ids}, {', '.join(BASE_METRICS)} FROM {FACT} {where_sql}"
+        materialized = "NOT MATERIALIZED"
+    else:
+        groups = f"SELECT {ids}, {sums} FROM {FACT} {where_sql} GROUP BY {ids}"
+        materialized = (
+            "MATERIALIZED"  # aggregated once, read by the page and the totals
+        )
+    period = next((f for f in fields if f in PERIODS), None)
+    if period:  # roll days up into weeks or months: a few rows a day, not the fact rows
+        keys = ", ".join(
+            f"{PERIODS[f]} AS {f}" if f == period else column(f) for f in fields
+        )
+        groups = (
+            f"SELECT {keys}, {sums} FROM ({groups}) JOIN dim_date USING (date_id) "
+            f"GROUP BY {', '.join(map(column, fields))}"
+        )
+    order = []
+    for item in [
+        *sort,
+        *[f for f in fields if f not in {s.removeprefix("-") for s in sort}],
+    ]:
+        field = item.removeprefix("-")
+        key = column(field)
+        if field == "date" and not dates_follow_ids:
+            key = "(SELECT date_value FROM dim_date WHERE dim_date.date_id = g.date_id)"
+        nulls = (
+            " NULLS LAST" if field in DERIVED_METRICS else ""
+        )  # only ratios are null
+        order.append(f"{key} {'DESC' if item.startswith('-') else 'ASC'}{nulls}")
+    totals = ", ".join(f"coalesce(sum({m}), 0) AS {m}" for m in BASE_METRICS)
+    labels = [label(f) for f in fields]
+    row = ", ".join(
+        [*(f"'{f}', {value}" for f, (value, _) in zip(fields, labels)), METRICS_JSON]
+    )
+    return (
+        f"WITH g AS {materialized} ({groups}) "
+        f"SELECT (SELECT json_group_array(json_object({row})) FROM ("
+        f"SELECT {', '.join(map(column, fields))}, {OUTPUTS} FROM g "
+        f"ORDER BY {', '.join(order)} LIMIT ? OFFSET ?) AS page"
+        f"{''.join(join for _, join in labels)}), json_object({METRICS_JSON}), group_count "
+        f"FROM (SELECT group_count, {OUTPUTS} FROM (SELECT count(*) AS group_count, {totals} FROM g))"
+    )
+
+
+def build_params(
+    query: MetricsQuery, catalog: Catalog, filters: dict[str, list[int]]
+) -> list:
+    """List the statement's parameters, in the order build_sql places them."""
+    dates = [catalog.ids_between(query.start_date, query.end_date)] * bool(
+        query.start_date or query.end_date
+    )
+    return [*map(json.dumps, [*dates, *filters.values()]), query.limit, query.offset]
+
+
+class Metrics(BaseModel):
+    impressions: int
+    clicks: int
+    cost: float = Field(description="In the data's currency, rounded to cents.")
+    conversions: int
+    likes: int
+    ctr: float | None = Field(
+        description="clicks / impressions; null if impressions is 0."
+    )
+    cpc: float | None = Field(description="cost / clicks; null if clicks is 0.")
+    cpm: float | None = Field(
+        description="1000 * cost / impressions; null if impressions is 0."
+    )
+    cpa: float | None = Field(
+        description="cost / conversions; null if conversions is 0."
+    )
+    conversion_rate: float | None = Field(
+        description="conversions / clicks; null if clicks is 0."
+    )
+
+
+class Row(Metrics):
+    """A group: its group_by fields (only those), in group_by order, then its metrics."""
+
+    date: str | None = Field(None, description="YYYY-MM-DD")
+    week: str | None = Field(None, description="The week's Monday, YYYY-MM-DD")
+    month: str | None = Field(None, description="YYYY-MM")
+    region: str | None = None
+    age_group: str | None = None
+    gender: str | None = None
+    platform: str | None = None
+    placement: str | None = None
+    device_type: str | None = None
+
+
+class Paging(BaseModel):
+    limit: int
+    offset: int
+    total_rows: int = Field(description="Rows in the whole result, all pages together.")
+    next: str | None = Field(
+        description="Relative URL of the next page; null on the last."
+    )
+
+
+class MetricsPage(BaseModel):
+    data: list[Row]
+    totals: Metrics = Field(
+        description="Over every row that matches, not only this page."
+    )
+    paging: Paging
+
+
+class Problem(BaseModel):
+    detail: str = Field(description="What is wrong, and what to do about it.")
+
+
+class Heartbeat:
+    """Runs once per slot of a UTC grid, in one of the processes that share the file."""
+
+    def __init__(self, path: str, interval: int) -> None:
+        self.path, self.interval = path, interval
+        self.scheduler = AsyncIOScheduler(timezone=UTC)
+        self.runs: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        """Create job_runs if it is missing; schedule the runs, the latest slot first."""
+        try:
+            async with aiosqlite.connect(
+                self.path, isolation_level=None, timeout=30
+            ) as db:
+                await db.execute(
+                    "CREATE TABLE IF NOT EXISTS job_runs ("
+                    "slot TEXT PRIMARY KEY, ran_at TEXT NOT NULL, pid INTEGER NOT NULL)"
+                )
+        except sqlite3.Error as e:
+            raise StartupError(f"cannot create job_runs in {self.path}: {e}") from None
+        # Slots are multiples of the interval since the epoch, so restarts keep the grid.
+        # The latest slot is due at once: if it has run already, its claim just fails.
+        self.scheduler.add_job(
+            self.run,
+            IntervalTrigger(
+                seconds=self.interval,
+                start_date=datetime(1970, 1, 1, tzinfo=UTC),
+            ),
+            id="heartbeat",
+            next_run_time=datetime.fromtimestamp(self.slot_of(time.time()), UTC),
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=self.interval,  # late is fine, until the next slot is due
+        )
+        self.scheduler.start()
+
+    def slot_of(self, timestamp: float) -> float:
+        return timestamp // self.interval * self.interval
+
+    async def run(self) -> None:
+        """Claim the current slot; the process whose claim wins logs the heartbeat."""
+        task = asyncio.current_task()
+        self.runs.add(task)
+        now = time.time()
+        slot = datetime.fromtimestamp(self.slot_of(now), UTC).isoformat()
+        ran_at = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+        try:
+            if await self.claim(
+                slot, ran_at, deadline=self.slot_of(now) + self.interval
+            ):
+                log.info("heartbeat slot=%s ran_at=%s", slot, ran_at)
+        except asyncio.CancelledError:
+            log.info("heartbeat slot=%s not recorded: the server is stopping", slot)
+        except Exception:
+            log.exception("heartbeat slot=%s failed", slot)
+        finally:
+            self.runs.discard(task)
+
+    async def claim(self, slot: str, ran_at: str, deadline: float) -> bool:
+        """Insert the slot's row unless it exists. While another process holds the
+        write lock, wait in the event loop, not in a thread, so a stop can cancel it."""
+        async with aiosqlite.connect(
+            self.path, isolation_level=None, timeout=0.05
+        ) as db:
+            while True:
+                try:
+                    cursor = await db.execute(
+                        "INSERT INTO job_runs (slot, ran_at, pid) VALUES (?, ?, ?) "
+                        "ON CONFLICT (slot) DO NOTHING",
+                        (slot, ran_at, os.getpid()),
+                    )
+                    return cursor.rowcount == 1
+                except sqlite3.OperationalError as e:
+                    if (
+                        e.sqlite_errorcode != sqlite3.SQLITE_BUSY
+                        or time.time() > deadline
+                    ):
+                        raise
+                await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        """Stop scheduling; give a running claim two seconds, then cancel it."""
+        self.scheduler.pause()
+        await asyncio.sleep(
+            0
+        )  # a run submitted a moment ago starts now, and is waited for
+        if self.runs:
+            _, pending = await asyncio.wait(self.runs, timeout=2)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        self.scheduler.shutdown(wait=False)
+
+    def state(self) -> dict:
+        job = self.scheduler.get_job("heartbeat")
+        return {
+            "running": self.scheduler.running,
+            "interval_seconds": self.interval,
+            "next_run_at": job.next_run_time.isoformat()
+            if job and job.next_run_time
+            else None,
+        }
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    # Start-up: open the database, or stop with one line that says what is wrong.
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(levelname)s:     %(name)s[%(process)d] %(message)s")
+        )
+        log.addHandler(handler)
+    log.setLevel(LOG_LEVEL)
+    if not os.path.exists(DB_PATH):
+        raise StartupError(
+            f"database {DB_PATH} not found; create it with: python seed.py --db {DB_PATH}"
+        )
+    db, heartbeat = (
+        Database(DB_PATH, QUERY_TIMEOUT_SECONDS),
+        Heartbeat(DB_PATH, HEARTBEAT_INTERVAL_SECONDS),
+    )
+    try:
+        await db.current()
+        await heartbeat.start()
+    except Unavailable as e:
+        raise StartupError(str(e)) from None
+    finally:
+        if not heartbeat.scheduler.running:
+            await db.close()
+    app.state.db, app.state.heartbeat = db, heartbeat
+    yield
+    # Shutdown: let a running heartbeat finish, then close every connection.
+    await heartbeat.stop()
+    await db.close()
+
+
+app = FastAPI(title="Ad Metrics API", version="1.0.0", lifespan=lifespan)
+
+
+class OneLineStartupErrors:
+    """Hand a StartupError to the server as its one-line message, not a traceback."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def send_message(message: dict) -> None:
+            error = sys.exc_info()[1]  # the router reports a failure while handling it
+            if message["type"] == "lifespan.startup.failed" and isinstance(
+                error, StartupError
+            ):
+                message = {**message, "message": str(error)}
+            await send(message)
+
+        await self.app(
+            scope, receive, send_message if scope["type"] == "lifespan" else send
+        )
+
+
+app.add_middleware(OneLineStartupErrors)
+
+
+@app.exception_handler(Unavailable)
+async def unavailable(request: Request, error: Unavailable) -> JSONResponse:
+    return JSONResponse({"detail": str(error)}, status_code=503)
+
+
+@app.exception_handler(Exception)
+async def internal_error(request: Request, error: Exception) -> JSONResponse:
+    # The server logs the traceback; the client learns only that the fault is ours.
+    return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
+
+
+@app.get(
+    "/metrics",
+    response_model=MetricsPage,
+    responses={
+        503: {"model": Problem, "description": "The database cannot answer now."}
+    },
+)
+async def get_metrics(
+    request: Request, query: Annotated[MetricsQuery, Query()]
+) -> Response:
+    """Return metrics grouped by `group_by`, filtered, sorted and paged, with totals.
+
+    Example: `/metrics?start_date=2025-03-01&end_date=2025-03-31&platform=Instagram&group_by=week,device_type&sort=-cost&limit=10`
+    """
+    db: Database = request.app.state.db
+    catalog = await db.current()
+    filters = resolve_filters(query, catalog)
+    sql = build_sql(
+        tuple(query.group_by), tuple(query.sort), tuple(filters),
+        bool(query.start_date or query.end_date), catalog.dates_follow_ids, catalog.one_row_per_key,
+    )  # fmt: skip
+    [(data, totals, total_rows)] = await db.fetch(
+        sql, build_params(query, catalog, filters)
+    )
+    next_url, next_offset = None, query.offset + query.limit
+    if next_offset < total_rows:  # the same query string, as the client wrote it
+        kept = [
+            p
+            for p in request.url.query.split("&")
+            if unquote_plus(p.split("=")[0]) not in ("", "offset")
+        ]
+        next_url = f"{request.url.path}?{'&'.join([*kept, f'offset={next_offset}'])}"
+    paging = {
+        "limit": query.limit,
+        "offset": query.offset,
+        "total_rows": total_rows,
+        "next": next_url,
+    }
+    body = f'{{"data":{data},"totals":{totals},"paging":{json.dumps(paging, separators=(",", ":"))}}}'
+    return Response(body, media_type="application/json")
+
+
+@app.get("/dimensions", responses={503: {"model": Problem}})
+async def get_dimensions(request: Request) -> Response:
+    """List each dimension's values, in their table's order, and the range of dates."""
+    return Response(
+        (await request.app.state.db.current()).listing, media_type="application/json"
+    )
+
+
+@app.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """Report whether the database can be read, and the heartbeat's schedule and last run."""
+    scheduler = request.app.state.heartbeat.state()
+    try:
+        rows = await request.app.state.db.fetch(
+            "SELECT slot, ran_at FROM job_runs ORDER BY slot DESC LIMIT 1", []
+        )
+    except Unavailable as e:
+        body = {"status": "unavailable", "reason": str(e), "scheduler": scheduler}
+        return JSONResponse(body, status_code=503)
+    scheduler["last_run"] = dict(zip(("slot", "ran_at"), rows[0])) if rows else None
+    return JSONResponse({"status": "ok", "scheduler": scheduler})
+
+
+if __name__ == "__main__":
+    if not os.path.exists(DB_PATH):
+        from seed import seed
+
+        print(f"{DB_PATH} not found: seeding it", file=sys.stderr)
+        seed(DB_PATH)
+    uvicorn.run(app, host=HOST, port=PORT, log_level=LOG_LEVEL.lower())
