@@ -28,6 +28,7 @@ import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from fastapi import FastAPI, Query, Request
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -723,6 +724,19 @@ class OneLineStartupErrors:
 
 
 app.add_middleware(OneLineStartupErrors)
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(
+    request: Request, error: RequestValidationError
+) -> JSONResponse:
+    """FastAPI's standard 422 body, with every message naming its parameter and value."""
+    detail = jsonable_encoder(error.errors())
+    for e in detail:
+        name = str(e["loc"][-1])
+        if not e["msg"].startswith(name):  # pydantic's own messages name neither
+            e["msg"] = f"{name} {shorten(str(e.get('input')))}: {e['msg']}"
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
 @app.exception_handler(Unavailable)

@@ -12,8 +12,8 @@ import argparse
 import math
 import os
 import random
-import sqlite3
 import secrets
+import sqlite3
 import sys
 import time
 from datetime import date, timedelta

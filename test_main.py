@@ -1,0 +1,543 @@
+"""Tests for the Ad Metrics API.
+
+Every /metrics answer is compared with `reference()`, an independent reading of the API
+contract in plain Python over the rows the fixture database was built from.
+"""
+
+import math
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import warnings
+from datetime import date, timedelta
+from fractions import Fraction
+from itertools import product
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", message=".*httpx2.*")  # Starlette's TestClient notice
+from fastapi.testclient import TestClient
+
+import main
+import seed
+
+HERE = Path(__file__).parent
+
+# The fixture's dimensions. Ids are sparse and not in name order; Quebec has no rows.
+DIMS = {
+    "region": ("dim_region", "region_id", "region_name", {7: "Mike", 2: "Zulu", 5: "Alpha", 9: "Quebec"}),
+    "age_group": ("dim_age_group", "age_id", "age_range", {4: "18-24", 1: "35-44"}),
+    "gender": ("dim_gender", "gender_id", "gender_name", {2: "female", 1: "Male"}),
+    "platform": ("dim_platform", "platform_id", "platform_name", {9: "Facebook", 3: "Instagram"}),
+    "placement": ("dim_placement", "placement_id", "placement_name", {1: "Stories", 2: "Feed", 6: "Reels"}),
+    "device_type": ("dim_device_type", "device_type_id", "device_type_name", {8: "Mobile", 6: "Tablet"}),
+}  # fmt: skip
+DAYS = [(date(2025, 1, 27) + timedelta(days=i)).isoformat() for i in range(20)]
+DATE_IDS = dict(
+    zip(DAYS, random.Random(1).sample(range(100, 200), len(DAYS)))
+)  # not in date order
+BASE = ["impressions", "clicks", "cost", "conversions", "likes"]
+METRICS = [*BASE, "ctr", "cpc", "cpm", "cpa", "conversion_rate"]
+GRAIN = ["date", *DIMS]
+
+
+def make_facts() -> list[dict]:
+    """Generate the fixture's rows: names, dates and metrics, cost in whole cents."""
+    rng = random.Random(42)
+    ids = {
+        dim: [i for i, name in DIMS[dim][3].items() if name != "Quebec"] for dim in DIMS
+    }
+    facts = []
+    for day, combo in product(DAYS, product(*ids.values())):
+        if rng.random() > 0.3:
+            continue
+        imps = rng.choice([0, rng.randint(1, 40), rng.randint(100, 20000)])
+        row = dict(zip(DIMS, combo), date=day)
+        if (
+            day == "2025-02-03" and row["region"] == 7
+        ):  # a group with no impressions at all
+            imps = 0
+        clicks = rng.randint(0, imps // 15) if imps else 0
+        conversions = rng.randint(0, clicks // 4) if clicks else 0
+        row |= {"impressions": imps, "clicks": clicks, "conversions": conversions,
+                "likes": rng.randint(0, imps // 50), "cost": rng.randint(1, 2 * imps) if imps else 0}  # fmt: skip
+        facts.append(row)
+    return facts
+
+
+FACTS = make_facts()
+
+
+def build_db(path: Path, unique_key: bool = True) -> Path:
+    """Write the fixture database: plain tables, as someone else's file might have."""
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE dim_date (date_id INTEGER PRIMARY KEY, date_value TEXT)")
+    db.executemany(
+        "INSERT INTO dim_date VALUES (?, ?)", [(i, d) for d, i in DATE_IDS.items()]
+    )
+    for table, id_col, name_col, names in DIMS.values():
+        db.execute(
+            f"CREATE TABLE {table} ({id_col} INTEGER PRIMARY KEY, {name_col} TEXT)"
+        )
+        db.executemany(f"INSERT INTO {table} VALUES (?, ?)", names.items())
+    ids = ", ".join(d[1] for d in DIMS.values())
+    key = f", PRIMARY KEY (date_id, {ids})" if unique_key else ""
+    db.execute(
+        f"CREATE TABLE fact_ad_metrics_daily (date_id INTEGER, {ids}, impressions INTEGER, "
+        f"clicks INTEGER, cost REAL, conversions INTEGER, likes INTEGER{key})"
+    )
+    db.executemany(
+        "INSERT INTO fact_ad_metrics_daily VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        [(DATE_IDS[f["date"]], *(f[d] for d in DIMS), f["impressions"], f["clicks"],
+          f["cost"] / 100, f["conversions"], f["likes"]) for f in FACTS],
+    )  # fmt: skip
+    db.commit()
+    db.close()
+    return path
+
+
+def values(params: dict, name: str) -> list[str]:
+    raw = params.get(name, [])
+    return [
+        v.strip()
+        for item in ([raw] if isinstance(raw, str) else raw)
+        for v in item.split(",")
+    ]
+
+
+def label(fact: dict, field: str) -> str:
+    if field in DIMS:
+        return DIMS[field][3][fact[field]]
+    day = date.fromisoformat(fact["date"])
+    return {"date": fact["date"], "week": (day - timedelta(days=day.weekday())).isoformat(),
+            "month": fact["date"][:7]}[field]  # fmt: skip
+
+
+def order_value(field: str, value):
+    """The number a field sorts by: dimensions by id, periods by time, metrics as is."""
+    if field in DIMS:
+        return {name: i for i, name in DIMS[field][3].items()}[value]
+    if field in ("date", "week"):
+        return date.fromisoformat(value).toordinal()
+    return int(value.replace("-", "")) if field == "month" else value
+
+
+def half_up(numerator, denominator) -> float | None:
+    """Round numerator/denominator half-up to 6 decimals, exactly; None for 0/0."""
+    if denominator == 0:
+        return None
+    return float(
+        Fraction(
+            math.floor(Fraction(numerator) / denominator * 10**6 + Fraction(1, 2)),
+            10**6,
+        )
+    )
+
+
+def metrics(s: dict) -> dict:
+    cost = Fraction(s["cost"], 100)
+    return {"impressions": s["impressions"], "clicks": s["clicks"], "cost": float(cost),
+            "conversions": s["conversions"], "likes": s["likes"],
+            "ctr": half_up(s["clicks"], s["impressions"]), "cpc": half_up(cost, s["clicks"]),
+            "cpm": half_up(1000 * cost, s["impressions"]), "cpa": half_up(cost, s["conversions"]),
+            "conversion_rate": half_up(s["conversions"], s["clicks"])}  # fmt: skip
+
+
+def reference(params: dict) -> tuple[list[dict], dict]:
+    """Answer a /metrics query as the contract says: all groups, in order, and totals."""
+    rows = [
+        f for f in FACTS
+        if params.get("start_date", "0") <= f["date"] <= params.get("end_date", "9")
+        and all(label(f, dim).casefold() in {v.casefold() for v in values(params, dim)}
+                for dim in DIMS if values(params, dim))
+    ]  # fmt: skip
+    fields = values(params, "group_by") or GRAIN
+    sums: dict[tuple, dict] = {}
+    for f in rows:
+        s = sums.setdefault(
+            tuple(label(f, field) for field in fields), dict.fromkeys(BASE, 0)
+        )
+        for m in BASE:
+            s[m] += f[m]
+    groups = [dict(zip(fields, key)) | metrics(s) for key, s in sums.items()]
+    sort = values(params, "sort")
+    order = sort + [f for f in fields if f not in {s.lstrip("-") for s in sort}]
+
+    def key(row):
+        parts = []
+        for item in order:
+            v = row[item.lstrip("-")]
+            v = None if v is None else order_value(item.lstrip("-"), v)
+            parts.append(
+                (v is None, 0 if v is None else -v if item.startswith("-") else v)
+            )
+        return parts
+
+    groups.sort(key=key)
+    totals = metrics({m: sum(f[m] for f in rows) for m in BASE})
+    return groups, totals
+
+
+@pytest.fixture
+def db_path(tmp_path, monkeypatch) -> Path:
+    path = build_db(tmp_path / "ads.db")
+    monkeypatch.setattr(main, "DB_PATH", str(path))
+    return path
+
+
+@pytest.fixture
+def client(db_path):
+    with TestClient(main.app) as client:
+        yield client
+
+
+def check_page(response, params: dict) -> dict:
+    """Assert that a /metrics response is the reference's page for these parameters."""
+    assert response.status_code == 200, response.text
+    groups, totals = reference(params)
+    limit, offset = int(params.get("limit", 100)), int(params.get("offset", 0))
+    body = response.json()
+    assert body["data"] == groups[offset : offset + limit]
+    assert body["totals"] == totals
+    assert body["paging"]["total_rows"] == len(groups)
+    assert (body["paging"]["limit"], body["paging"]["offset"]) == (limit, offset)
+    assert (body["paging"]["next"] is None) == (offset + limit >= len(groups))
+    for row in body["data"]:  # the grouped fields, in group_by order, then the metrics
+        assert list(row) == (values(params, "group_by") or GRAIN) + METRICS
+    return body
+
+
+QUERIES = {
+    "default: one row per fact row": {},
+    "a page further on": {"limit": "7", "offset": "3"},
+    "a date range": {"start_date": "2025-02-01", "end_date": "2025-02-03"},
+    "only a start date": {"start_date": "2025-02-10"},
+    "only an end date": {"end_date": "2025-01-29"},
+    "one day": {"start_date": "2025-02-05", "end_date": "2025-02-05"},
+    "filters ignore case, take commas": {"region": "alpha, MIKE"},
+    "filters repeat, and combine": {"region": ["Alpha", "Zulu"], "platform": "instagram"},
+    "every filter at once": {"region": "Zulu", "age_group": "18-24", "gender": "FEMALE",
+                             "platform": "Facebook", "placement": "Feed,Reels", "device_type": "Mobile"},
+    "by date": {"group_by": "date"},
+    "by date, newest first": {"group_by": "date", "sort": "-date"},
+    "by week": {"group_by": "week"},
+    "by month and region": {"group_by": "month,region"},
+    "a period after a dimension": {"group_by": ["region", "week"]},
+    "by month, latest first": {"group_by": "month", "sort": "-month"},
+    "top platforms by cost": {"group_by": "platform", "sort": "-cost"},
+    "ctr ascending, nulls last": {"group_by": "date,region", "sort": "ctr"},
+    "ctr descending, nulls last": {"group_by": "date,region", "sort": "-ctr"},
+    "a dimension descending": {"group_by": "device_type,age_group", "sort": "-age_group"},
+    "two sort keys, a page": {"group_by": "region,gender,placement", "sort": "-cpa,likes",
+                              "limit": "5", "offset": "2"},
+    "fact rows by impressions": {"sort": "-impressions", "limit": "20"},
+    "the grain in another order": {"group_by": "placement,platform,device_type,gender,age_group,region,date"},
+    "weeks, filtered, by cpm": {"group_by": "week,platform", "sort": "-cpm", "start_date": "2025-02-01",
+                                "placement": "Feed,Reels"},
+    "cpc and conversion rate": {"group_by": "age_group,gender", "sort": "cpc,-conversion_rate"},
+    "a value with no rows": {"region": "Quebec"},
+    "dates with no rows": {"start_date": "2026-01-01"},
+    "the largest page": {"limit": "1000"},
+    "an offset past the end": {"group_by": "platform", "offset": "50"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("params", QUERIES.values(), ids=QUERIES.keys())
+def test_metrics_match_the_reference(client, params):
+    check_page(client.get("/metrics", params=params), params)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"limit": "97"}, {"group_by": "week,device_type", "sort": "-cost", "limit": "4"},
+     {"group_by": "date,placement", "sort": "-ctr", "limit": "9", "region": "Zulu"}],
+)  # fmt: skip
+def test_following_next_walks_the_whole_result_once(client, params):
+    groups, _ = reference(params)
+    seen, url = [], "/metrics"
+    response = client.get(url, params=params)
+    while True:
+        body = response.json()
+        seen += body["data"]
+        if body["paging"]["next"] is None:
+            break
+        response = client.get(body["paging"]["next"])
+    assert seen == groups
+    assert len({tuple(sorted(row.items())) for row in seen}) == len(seen)
+
+
+def test_next_keeps_the_query_string(client):
+    response = client.get("/metrics?region=alpha,Zulu&group_by=date&limit=5&offset=5")
+    assert (
+        response.json()["paging"]["next"]
+        == "/metrics?region=alpha,Zulu&group_by=date&limit=5&offset=10"
+    )
+
+
+def test_zero_denominators_give_null_ratios(client):
+    body = client.get("/metrics", params={"group_by": "date,region", "start_date": "2025-02-03",
+                                          "end_date": "2025-02-03", "region": "Mike"}).json()  # fmt: skip
+    assert body["data"][0]["impressions"] == 0
+    assert {
+        k: body["data"][0][k] for k in ("ctr", "cpc", "cpm", "cpa", "conversion_rate")
+    } == dict.fromkeys(("ctr", "cpc", "cpm", "cpa", "conversion_rate"))
+
+
+def test_no_rows_gives_zero_totals_and_null_ratios(client):
+    response = client.get("/metrics?region=quebec")
+    assert response.status_code == 200
+    assert response.json() == {
+        "data": [],
+        "totals": {"impressions": 0, "clicks": 0, "cost": 0.0, "conversions": 0, "likes": 0,
+                   "ctr": None, "cpc": None, "cpm": None, "cpa": None, "conversion_rate": None},
+        "paging": {"limit": 100, "offset": 0, "total_rows": 0, "next": None},
+    }  # fmt: skip
+
+
+def test_output_uses_the_tables_spelling(client):
+    row = client.get("/metrics?gender=FEMALE&group_by=gender").json()["data"][0]
+    assert row["gender"] == "female"
+
+
+def test_a_fact_table_without_a_unique_key_gives_the_same_answers(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(
+        main, "DB_PATH", str(build_db(tmp_path / "nokey.db", unique_key=False))
+    )
+    with TestClient(main.app) as client:
+        for params in (
+            {},
+            {"limit": "30", "offset": "400", "sort": "-cost"},
+            {"group_by": "week"},
+        ):
+            check_page(client.get("/metrics", params=params), params)
+
+
+def test_dimensions_lists_values_in_table_order(client):
+    response = client.get("/dimensions")
+    assert response.status_code == 200
+    assert response.json() == {
+        "date": {"first": "2025-01-27", "last": "2025-02-15"},
+        **{dim: [names[i] for i in sorted(names)] for dim, (*_, names) in DIMS.items()},
+    }
+
+
+def test_health_reports_the_database_and_the_heartbeat(client):
+    response = client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert body["scheduler"]["running"] is True
+    assert body["scheduler"]["interval_seconds"] == 21600
+    assert body["scheduler"]["last_run"]["slot"].endswith(("T00:00:00+00:00", "T06:00:00+00:00",
+                                                          "T12:00:00+00:00", "T18:00:00+00:00"))  # fmt: skip
+
+
+INJECTION = "x' OR '1'='1"
+BAD = {  # name -> (query string, parameter in loc, error type, text the message must hold)
+    **{f"sql injection in {dim}": (f"{dim}={INJECTION}", dim, "literal_error", INJECTION)
+       for dim in DIMS},
+    "sql injection in group_by": ("group_by=region;DROP TABLE dim_region", "group_by", "literal_error",
+                                  "region;DROP TABLE dim_region"),
+    "sql injection in sort": ("sort=cost)--", "sort", "literal_error", "cost)--"),
+    "sql injection in a date": ("start_date=2025-01-01' --", "start_date", "date_parsing", "2025-01-01' --"),
+    "union injection in region": ("region=a UNION SELECT 1", "region", "literal_error", "a UNION SELECT 1"),
+    "unknown region lists the valid ones": ("region=Mars", "region", "literal_error", "Zulu, Alpha, Mike, Quebec"),
+    "start after end": ("start_date=2025-02-02&end_date=2025-02-01", "end_date", "value_error", "2025-02-01"),
+    "impossible date": ("start_date=2025-02-30", "start_date", "date_parsing", "2025-02-30"),
+    "month 13": ("end_date=2025-13-01", "end_date", "date_parsing", "2025-13-01"),
+    "date without dashes": ("start_date=20250101", "start_date", "date_parsing", "20250101"),
+    "date with a time": ("start_date=2025-01-01T00:00", "start_date", "date_parsing", "2025-01-01T00:00"),
+    "week date": ("start_date=2025-W01-1", "start_date", "date_parsing", "2025-W01-1"),
+    "empty date": ("end_date=", "end_date", "date_parsing", "end_date"),
+    "limit 0": ("limit=0", "limit", "greater_than_equal", "'0'"),
+    "limit 1001": ("limit=1001", "limit", "less_than_equal", "'1001'"),
+    "limit -1": ("limit=-1", "limit", "greater_than_equal", "'-1'"),
+    "limit 1e3": ("limit=1e3", "limit", "int_parsing", "'1e3'"),
+    "limit abc": ("limit=abc", "limit", "int_parsing", "'abc'"),
+    "limit 1.5": ("limit=1.5", "limit", "int_parsing", "'1.5'"),
+    "empty limit": ("limit=", "limit", "int_parsing", "limit"),
+    "offset -1": ("offset=-1", "offset", "greater_than_equal", "'-1'"),
+    "offset past SQLite's integers": (f"offset={2**63}", "offset", "less_than_equal", str(2**63)),
+    "group_by date and week": ("group_by=date,week", "group_by", "value_error", "'week'"),
+    "group_by week and month": ("group_by=week&group_by=month", "group_by", "value_error", "'month'"),
+    "unknown group_by": ("group_by=country", "group_by", "literal_error", "'country'"),
+    "group_by twice the same": ("group_by=region,region", "group_by", "value_error", "'region'"),
+    "group_by twice, repeated": ("group_by=platform&group_by=platform", "group_by", "value_error", "'platform'"),
+    "empty group_by": ("group_by=", "group_by", "string_too_short", "group_by"),
+    "sort by a field not in the output": ("group_by=platform&sort=region", "sort", "literal_error", "'region'"),
+    "sort by an unknown field": ("sort=-profit", "sort", "literal_error", "'-profit'"),
+    "sort twice the same": ("sort=cost,-cost", "sort", "value_error", "'-cost'"),
+    "region twice": ("region=Zulu,zulu", "region", "value_error", "'zulu'"),
+    "empty region": ("region=", "region", "string_too_short", "region"),
+    "trailing comma": ("platform=Facebook,", "platform", "string_too_short", "platform"),
+    "unknown parameter": ("country=FR", "country", "extra_forbidden", "'FR'"),
+    "misspelt parameter": ("regoin=Zulu", "regoin", "extra_forbidden", "'Zulu'"),
+    "a 10 KB value": ("placement=" + "x" * 10_000, "placement", "literal_error", "'" + "x" * 60 + "…'"),
+    "control characters": ("device_type=%00%1b[2J", "device_type", "literal_error", "'\\x00\\x1b[2J'"),
+    "unicode lookalike": ("platform=Ｆacebook", "platform", "literal_error", "'Ｆacebook'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("query, param, error_type, text", BAD.values(), ids=BAD.keys())
+def test_bad_input_is_a_422_naming_the_parameter_and_value(
+    client, query, param, error_type, text
+):
+    response = client.get(f"/metrics?{query}")
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["query", param]
+    assert error["type"] == error_type
+    assert error["msg"].startswith(param)
+    assert text in error["msg"]
+
+
+def test_several_bad_parameters_are_reported_together(client):
+    response = client.get("/metrics?limit=0&offset=-1&colour=red")
+    assert response.status_code == 422
+    assert [e["loc"][1] for e in response.json()["detail"]] == [
+        "limit",
+        "offset",
+        "colour",
+    ]
+
+
+def test_openapi_documents_every_parameter_and_response(client):
+    spec = client.get("/openapi.json").json()
+    operation = spec["paths"]["/metrics"]["get"]
+    params = {p["name"]: p for p in operation["parameters"]}
+    assert set(params) == {
+        "start_date",
+        "end_date",
+        *DIMS,
+        "group_by",
+        "sort",
+        "limit",
+        "offset",
+    }
+    assert all(p["in"] == "query" and p.get("description") for p in params.values())
+    assert (
+        params["limit"]["schema"]["minimum"],
+        params["limit"]["schema"]["maximum"],
+    ) == (1, 1000)
+    assert params["offset"]["schema"]["minimum"] == 0
+    assert params["group_by"]["schema"]["items"]["enum"] == [
+        "date",
+        "week",
+        "month",
+        *DIMS,
+    ]
+    assert {"200", "422", "503"} <= set(operation["responses"])
+    page = operation["responses"]["200"]["content"]["application/json"]["schema"][
+        "$ref"
+    ]
+    assert page.endswith("/MetricsPage")
+
+
+def run(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, *args], check=False, cwd=HERE, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def one_line_start_up_failure(db: Path) -> str:
+    """Start `uvicorn main:app` on `db`; return the one line it stops with."""
+    result = run("-m", "uvicorn", "main:app", "--port", "0", env={"ADS_DB": str(db)})
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    [line] = [
+        line
+        for line in result.stderr.splitlines()
+        if "ERROR" in line and "startup failed" not in line
+    ]
+    return line
+
+
+def test_uvicorn_with_a_missing_database_stops_with_one_line(tmp_path):
+    line = one_line_start_up_failure(tmp_path / "none.db")
+    assert "none.db not found; create it with: python seed.py --db" in line
+
+
+def test_uvicorn_with_a_file_that_is_not_a_database_stops_with_one_line(tmp_path):
+    (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
+    assert (
+        "junk.db cannot be read: file is not a database"
+        in one_line_start_up_failure(tmp_path / "junk.db")
+    )
+
+
+def test_uvicorn_with_a_missing_table_stops_with_one_line(tmp_path):
+    sqlite3.connect(tmp_path / "empty.db").execute(
+        "CREATE TABLE t (x)"
+    ).connection.close()
+    assert "no such table: fact_ad_metrics_daily" in one_line_start_up_failure(
+        tmp_path / "empty.db"
+    )
+
+
+def test_seed_is_deterministic_and_realistic(tmp_path):
+    a = seed.seed(tmp_path / "a.db", days=10, seed=3)
+    b = seed.seed(tmp_path / "b.db", days=10, seed=3)
+    seed.seed(tmp_path / "c.db", days=10, seed=4)
+    dump = "SELECT * FROM fact_ad_metrics_daily ORDER BY 1, 2, 3, 4, 5, 6, 7"
+    rows = {
+        n: sqlite3.connect(tmp_path / f"{n}.db").execute(dump).fetchall() for n in "abc"
+    }
+    assert a == b == len(rows["a"]) and rows["a"] == rows["b"] != rows["c"]
+    db = sqlite3.connect(tmp_path / "a.db")
+    wrong_places = db.execute(
+        "SELECT count(*) FROM fact_ad_metrics_daily JOIN dim_platform USING (platform_id) "
+        "JOIN dim_placement USING (placement_id) JOIN dim_device_type USING (device_type_id) "
+        "WHERE (placement_name IN ('Stories', 'Reels', 'Explore') AND device_type_name = 'Desktop') "
+        "OR (platform_name = 'Audience Network' AND placement_name NOT IN "
+        "('Native/Banner/Interstitial', 'Rewarded Video')) "
+        "OR (placement_name = 'Right Column' AND device_type_name != 'Desktop')"
+    ).fetchone()[0]
+    assert wrong_places == 0
+    assert db.execute("SELECT count(*) FROM fact_ad_metrics_daily WHERE conversions > clicks "
+                      "OR likes > impressions OR cost < 0").fetchone()[0] == 0  # fmt: skip
+    assert [r[0] for r in db.execute("SELECT age_range FROM dim_age_group ORDER BY age_id")] == [
+        "18-24", "25-34", "35-44", "45-54", "55-64", "65+"]  # fmt: skip
+
+
+def test_seed_cli_defaults_size_and_refusals(tmp_path):
+    result = run("seed.py", "--db", str(tmp_path / "ads.db"))
+    assert result.returncode == 0, result.stderr
+    rows = (
+        sqlite3.connect(tmp_path / "ads.db")
+        .execute("SELECT count(*) FROM fact_ad_metrics_daily")
+        .fetchone()[0]
+    )
+    assert 200_000 <= rows <= 500_000
+    assert f"seeded {rows:,} rows over 365 days in" in result.stdout
+    again = run("seed.py", "--db", str(tmp_path / "ads.db"))
+    assert again.returncode == 2 and "already exists; pass --force" in again.stderr
+    for bad in (
+        ["--days", "0"],
+        ["--density", "1.5"],
+        ["--start", "2025-13-01"],
+        ["--seed", "x"],
+    ):
+        result = run("seed.py", "--db", str(tmp_path / "other.db"), *bad)
+        assert result.returncode == 2 and result.stderr.strip(), bad
+    assert not (tmp_path / "other.db").exists()
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_a_fact_row_with_an_unknown_id_is_kept_with_a_null_name(db_path):
+    db = sqlite3.connect(db_path)
+    db.execute("INSERT INTO fact_ad_metrics_daily VALUES (?, 99, 4, 2, 9, 1, 8, 10, 1, 0.5, 0, 0)",
+               [DATE_IDS["2025-01-27"]])  # fmt: skip
+    db.commit()
+    with TestClient(main.app) as client:
+        body = client.get(
+            "/metrics?group_by=region&start_date=2025-01-27&end_date=2025-01-27"
+        ).json()
+    assert [row["region"] for row in body["data"]] == ["Zulu", "Alpha", "Mike", None]
+    assert body["totals"]["impressions"] == 10 + sum(
+        f["impressions"] for f in FACTS if f["date"] == "2025-01-27"
+    )
