@@ -171,7 +171,7 @@ async def load_catalog(db: aiosqlite.Connection) -> Catalog:
         names=names,
         dates_follow_ids=[i for _, i in dates] == sorted(i for _, i in dates),
         one_row_per_key={"date_id", *id_columns} in unique_keys.values(),
-        listing=json.dumps({**listing, **names}).encode(),
+        listing=json.dumps({**listing, **names}, separators=(",", ":")).encode(),
     )
 
 
@@ -817,8 +817,9 @@ async def health(request: Request) -> JSONResponse:
 
 if __name__ == "__main__":
     if not os.path.exists(DB_PATH):
-        from seed import seed
+        import seed
 
         print(f"{DB_PATH} not found: seeding it", file=sys.stderr)
-        seed(DB_PATH)
+        if seed.main(["--db", DB_PATH]):
+            sys.exit(2)
     uvicorn.run(app, host=HOST, port=PORT, log_level=LOG_LEVEL.lower())
