@@ -254,10 +254,11 @@ class Database:
                     f"the query ran longer than {self.timeout:g} s and was stopped; "
                     "narrow the date range, add filters or group by fewer fields"
                 ) from None
-            log.warning("database %s failed: %s", self.path, e)
-            self.catalog = (
-                None  # reopen, and read the catalog again, on the next request
-            )
+            if getattr(e, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
+                log.warning("database %s failed: %s", self.path, e)
+                self.catalog = (
+                    None  # a fault of the file: reopen it on the next request
+                )
             raise Unavailable(f"database {self.path} cannot be read: {e}") from None
         finally:
             timer.cancel()
@@ -608,10 +609,10 @@ class Heartbeat:
         now = time.time()
         slot = datetime.fromtimestamp(self.slot_of(now), UTC).isoformat()
         ran_at = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
+        # Give up half a second before the next slot is due, so that it is never skipped.
+        deadline = self.slot_of(now) + self.interval - 0.5
         try:
-            if await self.claim(
-                slot, ran_at, deadline=self.slot_of(now) + self.interval
-            ):
+            if await self.claim(slot, ran_at, deadline):
                 log.info("heartbeat slot=%s ran_at=%s", slot, ran_at)
         except asyncio.CancelledError:
             log.info("heartbeat slot=%s not recorded: the server is stopping", slot)
@@ -635,11 +636,10 @@ class Heartbeat:
                     )
                     return cursor.rowcount == 1
                 except sqlite3.OperationalError as e:
-                    if (
-                        e.sqlite_errorcode != sqlite3.SQLITE_BUSY
-                        or time.time() > deadline
-                    ):
+                    if e.sqlite_errorcode != sqlite3.SQLITE_BUSY:
                         raise
+                    if time.time() > deadline:
+                        raise TimeoutError("the database stayed locked too long") from e
                 await asyncio.sleep(0.1)
 
     async def stop(self) -> None:

@@ -4,14 +4,20 @@ Every /metrics answer is compared with `reference()`, an independent reading of 
 contract in plain Python over the rows the fixture database was built from.
 """
 
+import asyncio
+import logging
 import math
 import os
 import random
+import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 import warnings
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
 from itertools import product
 from pathlib import Path
@@ -541,3 +547,251 @@ def test_a_fact_row_with_an_unknown_id_is_kept_with_a_null_name(db_path):
     assert body["totals"]["impressions"] == 10 + sum(
         f["impressions"] for f in FACTS if f["date"] == "2025-01-27"
     )
+
+
+def wait_until(condition, timeout: float = 10.0):
+    """Poll `condition` until it returns something true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+    return result
+
+
+def job_runs(path: Path) -> list[tuple]:
+    """The heartbeat's rows, in slot order; none if the table is not there yet."""
+    db = sqlite3.connect(path)
+    try:
+        return db.execute(
+            "SELECT slot, ran_at, pid FROM job_runs ORDER BY slot"
+        ).fetchall()
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        db.close()
+
+
+def heartbeats(caplog) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("heartbeat slot=")
+    ]
+
+
+def slot_at(timestamp: float, interval: int) -> str:
+    return datetime.fromtimestamp(timestamp // interval * interval, UTC).isoformat()
+
+
+@pytest.mark.parametrize("interval", [7, 21600])
+def test_heartbeat_fire_times_stay_on_the_epoch_grid_across_restarts(
+    db_path, monkeypatch, interval
+):
+    monkeypatch.setattr(main, "HEARTBEAT_INTERVAL_SECONDS", interval)
+    for _ in range(2):  # a start, then a restart
+        with TestClient(main.app) as client:
+            job = client.app.state.heartbeat.scheduler.get_job("heartbeat")
+            wait_until(
+                lambda: job.next_run_time.timestamp() > time.time()
+            )  # after the catch-up
+            fire_times = [job.next_run_time]
+            for _ in range(3):
+                fire_times.append(
+                    job.trigger.get_next_fire_time(fire_times[-1], fire_times[-1])
+                )
+            health = client.get("/health").json()["scheduler"]
+        stamps = [t.timestamp() for t in fire_times]
+        assert all(t % interval == 0 for t in stamps)
+        assert [b - a for a, b in zip(stamps, stamps[1:])] == [interval] * 3
+        assert 0 < stamps[0] - time.time() <= interval
+        assert datetime.fromisoformat(health["next_run_at"]) == fire_times[0]
+    if interval == 21600:
+        assert fire_times[0].hour in (0, 6, 12, 18) and fire_times[0].minute == 0
+
+
+def test_two_instances_on_one_file_record_each_slot_once(db_path, caplog):
+    sqlite3.connect(db_path).execute(
+        "CREATE TABLE job_runs (slot TEXT PRIMARY KEY, ran_at TEXT NOT NULL, pid INTEGER NOT NULL)"
+    ).connection.close()
+
+    async def race():
+        beats = [main.Heartbeat(str(db_path), 3600), main.Heartbeat(str(db_path), 3600)]
+        await asyncio.gather(*(beat.run() for beat in beats))
+
+    with caplog.at_level(logging.INFO, logger="ad_metrics"):
+        for _ in range(10):
+            sqlite3.connect(db_path, isolation_level=None).execute(
+                "DELETE FROM job_runs"
+            ).connection.close()
+            caplog.clear()
+            asyncio.run(race())
+            assert len(job_runs(db_path)) == 1
+            assert len(heartbeats(caplog)) == 1
+            assert not [
+                r for r in caplog.records if r.levelno >= logging.WARNING
+            ]  # losing is normal
+
+
+def test_the_latest_slot_runs_at_start_if_missing_and_not_again(db_path, caplog):
+    with caplog.at_level(logging.INFO, logger="ad_metrics"):
+        with TestClient(main.app):
+            [(slot, ran_at, pid)] = wait_until(lambda: job_runs(db_path))
+        assert slot == slot_at(datetime.fromisoformat(ran_at).timestamp(), 21600)
+        assert pid == os.getpid()
+        assert heartbeats(caplog) == [f"heartbeat slot={slot} ran_at={ran_at}"]
+        caplog.clear()
+        with TestClient(main.app) as client:
+            wait_until(
+                lambda: (
+                    client.app.state.heartbeat.state()["next_run_at"]
+                    > datetime.now(UTC).isoformat()
+                )
+            )
+        assert job_runs(db_path) == [(slot, ran_at, pid)]
+        assert heartbeats(caplog) == []
+
+
+def test_a_claim_waiting_for_the_write_lock_blocks_no_request(db_path, monkeypatch):
+    monkeypatch.setattr(main, "HEARTBEAT_INTERVAL_SECONDS", 2)
+    with TestClient(main.app) as client:
+        wait_until(lambda: job_runs(db_path))
+        locker = sqlite3.connect(db_path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")  # the write lock: the next claim has to wait
+        due = (time.time() // 2 + 1) * 2
+        slowest = 0.0
+        while time.time() < due + 0.8:  # the run for `due` has started, and waits
+            for url in ("/metrics?group_by=platform&sort=-cost", "/health"):
+                began = time.perf_counter()
+                assert client.get(url).status_code == 200
+                slowest = max(slowest, time.perf_counter() - began)
+        assert slot_at(due, 2) not in [slot for slot, _, _ in job_runs(db_path)]
+        released = time.time()
+        locker.execute("COMMIT")
+        runs = wait_until(
+            lambda: {slot: ran_at for slot, ran_at, _ in job_runs(db_path)}.get(
+                slot_at(due, 2)
+            )
+        )
+    assert slowest < 0.1
+    assert (
+        due <= datetime.fromisoformat(runs).timestamp() < released
+    )  # it ran on time, then waited
+
+
+def test_a_failing_run_is_logged_with_its_traceback_and_the_next_slot_runs(
+    db_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(main, "HEARTBEAT_INTERVAL_SECONDS", 1)
+    with (
+        caplog.at_level(logging.INFO, logger="ad_metrics"),
+        TestClient(main.app) as client,
+    ):
+        wait_until(lambda: job_runs(db_path))
+        db = sqlite3.connect(db_path, isolation_level=None)
+        db.execute("CREATE TRIGGER no_heartbeat BEFORE INSERT ON job_runs "
+                   "BEGIN SELECT RAISE(ABORT, 'injected failure'); END")  # fmt: skip
+        failure = wait_until(
+            lambda: [r for r in caplog.records if r.levelno == logging.ERROR]
+        )[0]
+        assert client.get("/metrics?group_by=month").status_code == 200
+        assert client.get("/health").status_code == 200
+        db.execute("DROP TRIGGER no_heartbeat")
+        failed_at = time.time()
+        wait_until(
+            lambda: (
+                datetime.fromisoformat(job_runs(db_path)[-1][1]).timestamp() > failed_at
+            )
+        )
+    assert failure.getMessage().endswith("failed") and failure.exc_info
+    assert "injected failure" in caplog.text and "Traceback" in caplog.text
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(db: Path, log: Path, *args: str, **env: str) -> tuple[subprocess.Popen, str]:
+    """Start `uvicorn main:app` on `db` as a subprocess; return it and its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-W", "default", "-m", "uvicorn", "main:app", "--port", str(port), *args],
+        cwd=HERE, env={**os.environ, "ADS_DB": str(db), **env},
+        stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    return process, f"http://127.0.0.1:{port}"
+
+
+def test_two_workers_record_each_slot_once_and_log_it_once(tmp_path):
+    db = build_db(tmp_path / "ads.db")
+    server, _ = serve(
+        db, tmp_path / "server.log", "--workers", "2", HEARTBEAT_INTERVAL_SECONDS="2"
+    )
+    time.sleep(7)
+    server.send_signal(signal.SIGTERM)
+    server.wait(timeout=10)
+    runs = job_runs(db)
+    stamps = [datetime.fromisoformat(slot).timestamp() for slot, _, _ in runs]
+    assert len(stamps) >= 3
+    assert [b - a for a, b in zip(stamps, stamps[1:])] == [2] * (
+        len(stamps) - 1
+    )  # none missing
+    lines = [
+        line
+        for line in (tmp_path / "server.log").read_text().splitlines()
+        if "heartbeat slot=" in line
+    ]
+    assert sorted(line.split("slot=")[1].split()[0] for line in lines) == [
+        slot for slot, _, _ in runs
+    ]
+    assert len({pid for _, _, pid in runs}) <= 2
+
+
+def test_sigterm_under_load_during_a_heartbeat_run_stops_cleanly(tmp_path):
+    import httpx
+
+    db = build_db(tmp_path / "ads.db")
+    server, url = serve(db, tmp_path / "server.log", HEARTBEAT_INTERVAL_SECONDS="4")
+    wait_until(
+        lambda: job_runs(db) if server.poll() is None else pytest.fail("server died")
+    )
+    stop, answered = threading.Event(), []
+
+    def load():
+        with httpx.Client(base_url=url) as http:
+            while not stop.is_set():
+                try:
+                    answered.append(
+                        http.get("/metrics?group_by=week,region&sort=-cpm").status_code
+                    )
+                except httpx.HTTPError:
+                    pass  # the server is going away
+
+    clients = [threading.Thread(target=load) for _ in range(4)]
+    for client in clients:
+        client.start()
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # the next run's claim waits for this lock...
+    time.sleep((time.time() // 4 + 1) * 4 - time.time() + 0.3)  # ...and is waiting now
+    server.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    status = server.wait(timeout=10)
+    stopped_in = time.monotonic() - began
+    stop.set()
+    for client in clients:
+        client.join()
+    locker.execute("ROLLBACK")
+    log = (tmp_path / "server.log").read_text()
+    assert stopped_in < 5
+    assert status in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in log
+    assert (
+        "not recorded: the server is stopping" in log
+    )  # the waiting run was interrupted
+    for bad in ("Traceback", "ResourceWarning", "Task was destroyed", "ERROR"):
+        assert bad not in log
+    assert answered and set(answered) == {200}
+    assert all(
+        len(row) == 3 and None not in row for row in job_runs(db)
+    )  # whole rows only
