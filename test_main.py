@@ -19,7 +19,7 @@ import time
 import warnings
 from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
-from itertools import product
+from itertools import pairwise, product
 from pathlib import Path
 
 import pytest
@@ -583,26 +583,32 @@ def slot_at(timestamp: float, interval: int) -> str:
     return datetime.fromtimestamp(timestamp // interval * interval, UTC).isoformat()
 
 
+def fire_times_after_start(count: int) -> tuple[list[datetime], dict]:
+    """Start the app; once its catch-up run is done, return its next fire times and health."""
+    with TestClient(main.app) as client:
+        scheduler = client.app.state.heartbeat.scheduler
+        wait_until(
+            lambda: (
+                scheduler.get_job("heartbeat").next_run_time.timestamp() > time.time()
+            )
+        )
+        job = scheduler.get_job("heartbeat")
+        times = [job.next_run_time]
+        while len(times) < count:
+            times.append(job.trigger.get_next_fire_time(times[-1], times[-1]))
+        return times, client.get("/health").json()["scheduler"]
+
+
 @pytest.mark.parametrize("interval", [7, 21600])
 def test_heartbeat_fire_times_stay_on_the_epoch_grid_across_restarts(
     db_path, monkeypatch, interval
 ):
     monkeypatch.setattr(main, "HEARTBEAT_INTERVAL_SECONDS", interval)
     for _ in range(2):  # a start, then a restart
-        with TestClient(main.app) as client:
-            job = client.app.state.heartbeat.scheduler.get_job("heartbeat")
-            wait_until(
-                lambda: job.next_run_time.timestamp() > time.time()
-            )  # after the catch-up
-            fire_times = [job.next_run_time]
-            for _ in range(3):
-                fire_times.append(
-                    job.trigger.get_next_fire_time(fire_times[-1], fire_times[-1])
-                )
-            health = client.get("/health").json()["scheduler"]
+        fire_times, health = fire_times_after_start(4)
         stamps = [t.timestamp() for t in fire_times]
         assert all(t % interval == 0 for t in stamps)
-        assert [b - a for a, b in zip(stamps, stamps[1:])] == [interval] * 3
+        assert [b - a for a, b in pairwise(stamps)] == [interval] * 3
         assert 0 < stamps[0] - time.time() <= interval
         assert datetime.fromisoformat(health["next_run_at"]) == fire_times[0]
     if interval == 21600:
@@ -734,7 +740,7 @@ def test_two_workers_record_each_slot_once_and_log_it_once(tmp_path):
     runs = job_runs(db)
     stamps = [datetime.fromisoformat(slot).timestamp() for slot, _, _ in runs]
     assert len(stamps) >= 3
-    assert [b - a for a, b in zip(stamps, stamps[1:])] == [2] * (
+    assert [b - a for a, b in pairwise(stamps)] == [2] * (
         len(stamps) - 1
     )  # none missing
     lines = [
