@@ -231,7 +231,12 @@ class Database:
         """Run one statement on an idle connection, interrupted at the time limit."""
         await self.current()
         idle = self.idle  # the connection goes back to its own pool, even if reopened
-        db = await idle.get()
+        try:
+            db = await asyncio.wait_for(idle.get(), self.timeout)
+        except TimeoutError:
+            raise Unavailable(
+                f"every connection stayed busy for {self.timeout:g} s; retry later"
+            ) from None
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.timeout, lambda: loop.create_task(db.interrupt()))
         try:
@@ -563,6 +568,12 @@ class Problem(BaseModel):
     detail: str = Field(description="What is wrong, and what to do about it.")
 
 
+JOB_RUNS = (
+    "CREATE TABLE IF NOT EXISTS job_runs "
+    "(slot TEXT PRIMARY KEY, ran_at TEXT NOT NULL, pid INTEGER NOT NULL)"
+)
+
+
 class Heartbeat:
     """Runs once per slot of a UTC grid, in one of the processes that share the file."""
 
@@ -577,10 +588,7 @@ class Heartbeat:
             async with aiosqlite.connect(
                 self.path, isolation_level=None, timeout=30
             ) as db:
-                await db.execute(
-                    "CREATE TABLE IF NOT EXISTS job_runs ("
-                    "slot TEXT PRIMARY KEY, ran_at TEXT NOT NULL, pid INTEGER NOT NULL)"
-                )
+                await db.execute(JOB_RUNS)
         except sqlite3.Error as e:
             raise StartupError(f"cannot create job_runs in {self.path}: {e}") from None
         # Slots are multiples of the interval since the epoch, so restarts keep the grid.
@@ -629,6 +637,7 @@ class Heartbeat:
         ) as db:
             while True:
                 try:
+                    await db.execute(JOB_RUNS)  # again: the file may have been replaced
                     cursor = await db.execute(
                         "INSERT INTO job_runs (slot, ran_at, pid) VALUES (?, ?, ?) "
                         "ON CONFLICT (slot) DO NOTHING",
@@ -700,7 +709,10 @@ async def lifespan(app: FastAPI):
     await db.close()
 
 
-app = FastAPI(title="Ad Metrics API", version="1.0.0", lifespan=lifespan)
+# No redirects: an unknown path is a 404, whether or not it ends in a slash.
+app = FastAPI(
+    title="Ad Metrics API", version="1.0.0", lifespan=lifespan, redirect_slashes=False
+)
 
 
 class OneLineStartupErrors:
@@ -804,10 +816,13 @@ async def get_dimensions(request: Request) -> Response:
 async def health(request: Request) -> JSONResponse:
     """Report whether the database can be read, and the heartbeat's schedule and last run."""
     scheduler = request.app.state.heartbeat.state()
-    try:
-        rows = await request.app.state.db.fetch(
-            "SELECT slot, ran_at FROM job_runs ORDER BY slot DESC LIMIT 1", []
-        )
+    db = request.app.state.db
+    try:  # a file put in place while serving has no job_runs until the next run
+        rows = await db.fetch("SELECT 1 FROM sqlite_master WHERE name = 'job_runs'", [])
+        if rows:
+            rows = await db.fetch(
+                "SELECT slot, ran_at FROM job_runs ORDER BY slot DESC LIMIT 1", []
+            )
     except Unavailable as e:
         body = {"status": "unavailable", "reason": str(e), "scheduler": scheduler}
         return JSONResponse(body, status_code=503)

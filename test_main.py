@@ -21,8 +21,11 @@ from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
 from itertools import pairwise, product
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 warnings.filterwarnings("ignore", message=".*httpx2.*")  # Starlette's TestClient notice
 from fastapi.testclient import TestClient
@@ -194,10 +197,24 @@ def db_path(tmp_path, monkeypatch) -> Path:
     return path
 
 
+def dump(path: Path) -> list[str]:
+    """The database's schema and rows, but for the heartbeat's own table."""
+    db = sqlite3.connect(path)
+    try:
+        return [line for line in db.iterdump() if "job_runs" not in line]
+    finally:
+        db.close()
+
+
 @pytest.fixture
 def client(db_path):
+    """A running app on the fixture database; afterwards, the data must be unchanged."""
+    before = dump(db_path)
     with TestClient(main.app) as client:
         yield client
+    assert (
+        dump(db_path) == before
+    )  # no request changed a table; only job_runs was added
 
 
 def check_page(response, params: dict) -> dict:
@@ -248,6 +265,7 @@ QUERIES = {
     "dates with no rows": {"start_date": "2026-01-01"},
     "the largest page": {"limit": "1000"},
     "an offset past the end": {"group_by": "platform", "offset": "50"},
+    "the largest offset": {"offset": str(2**63 - 1)},
 }  # fmt: skip
 
 
@@ -801,3 +819,218 @@ def test_sigterm_under_load_during_a_heartbeat_run_stops_cleanly(tmp_path):
     assert all(
         len(row) == 3 and None not in row for row in job_runs(db)
     )  # whole rows only
+
+
+def test_query_connections_cannot_write(client):
+    async def try_to_write():
+        refusals = []
+        for connection in client.app.state.db.connections:
+            for sql in ("DELETE FROM dim_region", "UPDATE fact_ad_metrics_daily SET cost = 0",
+                        "CREATE TABLE x (y)", "DROP TABLE dim_gender"):  # fmt: skip
+                with pytest.raises(sqlite3.OperationalError) as refused:
+                    await connection.execute(sql)
+                refusals.append(str(refused.value))
+        return refusals
+
+    assert set(client.portal.call(try_to_write)) == {
+        "attempt to write a readonly database"
+    }
+
+
+def test_a_query_past_the_time_limit_is_stopped_and_the_connection_still_works(
+    tmp_path, monkeypatch
+):
+    seed.seed(tmp_path / "big.db", days=30, density=0.5)
+    monkeypatch.setattr(main, "DB_PATH", str(tmp_path / "big.db"))
+    monkeypatch.setattr(
+        main, "READ_CONNECTIONS", 1
+    )  # so the next request uses the same one
+    monkeypatch.setattr(main, "QUERY_TIMEOUT_SECONDS", 0.01)
+    heavy = "/metrics?group_by=region,age_group,gender,platform,placement,device_type&sort=-ctr"
+    with TestClient(main.app) as client:
+        response = client.get(heavy)
+        assert response.status_code == 503
+        assert response.json() == {"detail": "the query ran longer than 0.01 s and was stopped; "
+                                   "narrow the date range, add filters or group by fewer fields"}  # fmt: skip
+        client.app.state.db.timeout = 10
+        assert client.get(heavy).status_code == 200
+        assert (
+            client.get("/metrics?group_by=platform").json()["paging"]["total_rows"] == 4
+        )
+
+
+def test_requests_get_503_when_every_connection_stays_busy(client):
+    db = client.app.state.db
+    db.timeout = 0.2
+    taken = [
+        client.portal.call(db.idle.get) for _ in db.connections
+    ]  # as if all were busy
+    response = client.get("/metrics?group_by=platform")
+    assert response.status_code == 503
+    assert response.json() == {
+        "detail": "every connection stayed busy for 0.2 s; retry later"
+    }
+    for connection in taken:
+        db.idle.put_nowait(connection)
+    assert client.get("/metrics?group_by=platform").status_code == 200
+
+
+def status_of(client) -> tuple[int, int]:
+    return client.get("/metrics?group_by=platform").status_code, client.get(
+        "/health"
+    ).status_code
+
+
+def test_a_removed_database_gives_503_until_a_good_file_is_back(db_path):
+    with TestClient(main.app) as client:
+        assert status_of(client) == (200, 200)
+        db_path.unlink()
+        wait_until(lambda: status_of(client) == (503, 503))
+        assert (
+            "is missing: No such file or directory"
+            in client.get("/metrics").json()["detail"]
+        )
+        health = client.get("/health").json()
+        assert health["status"] == "unavailable" and "is missing" in health["reason"]
+        build_db(db_path)
+        wait_until(lambda: status_of(client) == (200, 200))
+        check_page(client.get("/metrics?group_by=week"), {"group_by": "week"})
+
+
+def test_a_database_corrupted_in_place_gives_503_until_it_is_mended(db_path):
+    good = db_path.read_bytes()
+    with TestClient(main.app) as client:
+        assert status_of(client) == (200, 200)
+        with db_path.open("r+b") as f:  # the same file, its content overwritten
+            f.write(b"this is no longer a database" * 200)
+        wait_until(lambda: status_of(client) == (503, 503))
+        assert (
+            "cannot be read: file is not a database"
+            in client.get("/metrics").json()["detail"]
+        )
+        db_path.write_bytes(good)
+        wait_until(lambda: status_of(client) == (200, 200))
+        check_page(client.get("/metrics?sort=-cost"), {"sort": "-cost"})
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_a_seed_killed_mid_run_leaves_the_previous_database_or_nothing(
+    tmp_path, previous
+):
+    target = tmp_path / "ads.db"
+    if previous:
+        seed.seed(target, days=3)
+        before = dump(target)
+    process = subprocess.Popen([sys.executable, "seed.py", "--db", str(target), "--days", "365",
+                                "--density", "0.45", "--force"], cwd=HERE)  # fmt: skip
+    wait_until(lambda: list(tmp_path.glob(".ads.db.*.tmp")))  # it is writing
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    if previous:
+        assert dump(target) == before
+    else:
+        assert not target.exists()
+
+
+ANY_TEXT = st.one_of(
+    st.text(max_size=40),  # any code point: control characters, right-to-left marks...
+    st.sampled_from(["", ",", ",,", "-", "--cost", "0000-01-01", "9" * 25, "%", "%ZZ", "%00",
+                     "%FF%FE", "' OR 1=1 --", "x" * 10_000]),
+    st.integers(min_value=-(2**70), max_value=2**70).map(str),
+)  # fmt: skip
+EDGES = st.sampled_from(
+    [-1, 0, 1, 1000, 1001, 2**63 - 1, 2**63, -(2**63) - 1, 2**64, 10**30]
+).map(str)
+VALID = st.fixed_dictionaries(  # a well-formed query, any subset of the parameters
+    {},
+    optional={
+        "start_date": st.dates(date(2025, 1, 1), date(2025, 1, 31)).map(date.isoformat),
+        "end_date": st.dates(date(2025, 2, 1), date(2025, 3, 1)).map(date.isoformat),
+        **{dim: st.lists(st.sampled_from(list(names.values())).map(str.upper), min_size=1, max_size=2,
+                         unique=True).map(",".join) for dim, (*_, names) in DIMS.items()},
+        "group_by": st.tuples(st.sampled_from(["", "date,", "week,", "month,"]),
+                              st.lists(st.sampled_from(list(DIMS)), min_size=1, max_size=3, unique=True))
+                      .map(lambda t: t[0] + ",".join(t[1])),
+        "sort": st.lists(st.sampled_from(METRICS), min_size=1, max_size=2, unique=True)
+                  .map(lambda fields: ",".join("-" * (len(f) % 2) + f for f in fields)),
+        "limit": st.integers(1, 1000).map(str),
+        "offset": st.one_of(st.integers(0, 3000), st.just(2**63 - 1)).map(str),
+    },
+)  # fmt: skip
+PARAMETERS = ["start_date", "end_date", *DIMS, "group_by", "sort", "limit", "offset"]
+# sampled_from draws evenly, so repeats set the odds: mostly GET /metrics, mostly known
+# names (so an odd value meets its own validation), mostly nothing appended.
+ODD = st.tuples(
+    st.sampled_from([*PARAMETERS * 3, "", "Offset", "group-by", "limit "])
+    | st.text(max_size=8),
+    EDGES | ANY_TEXT,
+)
+GARBAGE = [
+    "&",
+    "&&=",
+    "&%",
+    "&%zz=1",
+    "&a=b=c",
+    "&=x",
+    "&limit",
+]  # appended as they are
+
+
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    method=st.sampled_from(["GET"] * 20 + ["POST", "PUT", "DELETE", "PATCH", "HEAD"]),
+    path=st.sampled_from(
+        ["/metrics"] * 20 + ["/dimensions", "/health", "/metrics/", "/nope"]
+    ),
+    valid=VALID,
+    odd=st.lists(
+        ODD, max_size=2
+    ),  # one or two odd values, each reaching as deep as it can
+    raw=st.sampled_from([""] * 10 + GARBAGE),
+)
+def test_no_request_crashes_the_service(client, method, path, valid, odd, raw):
+    params = [*valid.items(), *odd]
+    query = (
+        "&".join(f"{quote(k, safe='')}={quote(v, safe=',')}" for k, v in params) + raw
+    )
+    response = client.request(method, f"{path}?{query}")
+    known = path in ("/metrics", "/dimensions", "/health")
+    if not known:
+        assert response.status_code == 404
+    elif method != "GET":
+        assert response.status_code == 405
+    else:
+        assert response.status_code in (200, 422)
+    if method == "HEAD":
+        return
+    body = response.json()
+    if response.status_code == 422:
+        for error in body["detail"]:
+            assert (
+                set(error) >= {"type", "loc", "msg", "input"}
+                and error["loc"][0] == "query"
+            )
+            assert error["msg"].startswith(str(error["loc"][-1]))
+    elif response.status_code in (404, 405):
+        assert isinstance(body["detail"], str)
+    elif path == "/metrics":
+        assert (
+            set(body) == {"data", "totals", "paging"}
+            and len(body["data"]) <= body["paging"]["limit"]
+        )
+        assert set(body["totals"]) == set(METRICS)
+
+
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(params=VALID)
+def test_any_valid_query_matches_the_reference(client, params):
+    check_page(client.get("/metrics", params=params), params)
