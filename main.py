@@ -18,7 +18,6 @@ import sys
 import threading
 import time
 from bisect import bisect_left, bisect_right
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from functools import lru_cache
@@ -55,13 +54,13 @@ PORT = positive("PORT", "8000")
 HEARTBEAT_INTERVAL_SECONDS = positive("HEARTBEAT_INTERVAL_SECONDS", "21600")
 QUERY_TIMEOUT_SECONDS = positive("QUERY_TIMEOUT_SECONDS", "10", float)
 LOG_LEVEL = os.environ.get("LOG_LEVEL", "INFO").upper()
-if LOG_LEVEL not in logging.getLevelNamesMapping():
+if LOG_LEVEL not in ("DEBUG", "INFO", "WARNING", "ERROR"):
     raise SystemExit(
         f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {LOG_LEVEL!r}"
     )
-# Queries estimated to read more rows than HEAVY_ROWS run in the heavy lane: one
-# connection per core, whose threads yield the CPU to the rest, so a heavy query never
-# stalls a light one and heavy ones never crowd the cores.
+# A query estimated to read more rows than HEAVY_ROWS runs in the heavy lane: one
+# connection per core, at a lower CPU priority. Heavy queries then never crowd the
+# cores, and never stall a light one.
 HEAVY_ROWS = 200_000
 LANES = {"light": 8, "heavy": os.cpu_count() or 2}  # connections in each lane
 
@@ -83,13 +82,13 @@ GroupField = Literal[
 ]  # fmt: skip
 GROUP_FIELDS = list(get_args(GroupField))
 PERIODS = {  # a period's label, from dim_date.date_value
-    "week": "date(date_value, 'weekday 0', '-6 days')",  # the Monday of the ISO week
+    "week": "date(date_value, 'weekday 0', '-6 days')",  # the Monday of its ISO week
     "month": "substr(date_value, 1, 7)",
 }
-DEFAULT_GROUP_BY = ["date", *DIMENSIONS]  # the fact table's grain: one row per fact row
+DEFAULT_GROUP_BY = ["date", *DIMENSIONS]  # the fact table's grain: a row per fact row
 BASE_METRICS = ["impressions", "clicks", "cost", "conversions", "likes"]
 CENTS = "CAST(round(100 * cost) AS INTEGER)"
-DERIVED_METRICS = {  # ratio -> (numerator in millionths, denominator), over a group's sums
+DERIVED_METRICS = {  # name -> (numerator in millionths, denominator), from a group's sums
     "ctr": ("1000000 * clicks", "impressions"),
     "cpc": (f"10000 * {CENTS}", "clicks"),
     "cpm": (f"10000000 * {CENTS}", "impressions"),
@@ -97,16 +96,13 @@ DERIVED_METRICS = {  # ratio -> (numerator in millionths, denominator), over a g
     "conversion_rate": ("1000000 * conversions", "clicks"),
 }
 METRICS = [*BASE_METRICS, *DERIVED_METRICS]
-# The output values. Cost is money: it is reported in whole cents, and the ratios are
-# exact fractions of the reported values, rounded half-up to 6 decimals in integer
+# The output values. Cost is money, reported in whole cents; the ratios are exact
+# fractions of the reported values, rounded half-up to 6 decimals in integer
 # arithmetic, (2n + d) / 2d, so no float error ever shows. A zero denominator is null.
 OUTPUTS = ", ".join(
     ["impressions", "clicks", f"{CENTS} / 100.0 AS cost", "conversions", "likes"]
-    + [
-        f"(2 * {n} + {d}) / NULLIF(2 * {d}, 0) / 1e6 AS {m}"
-        for m, (n, d) in DERIVED_METRICS.items()
-    ]
-)
+    + [f"(2*{n} + {d}) / NULLIF(2*{d}, 0) / 1e6 AS {m}" for m, (n, d) in DERIVED_METRICS.items()]
+)  # fmt: skip
 METRICS_JSON = ", ".join(f"'{m}', {m}" for m in METRICS)
 
 
@@ -141,9 +137,8 @@ class Catalog:
 async def load_catalog(db: aiosqlite.Connection) -> Catalog:
     """Read the dimension tables, checking the columns the queries use."""
     id_columns = [column for column, _, _ in DIMENSIONS.values()]
-    await db.execute_fetchall(
-        f"SELECT {', '.join(id_columns + BASE_METRICS)} FROM {FACT} LIMIT 0"
-    )
+    columns = ", ".join(id_columns + BASE_METRICS)
+    await db.execute_fetchall(f"SELECT date_id, {columns} FROM {FACT} LIMIT 0")
     dates = await db.execute_fetchall("SELECT date_value, date_id FROM dim_date")
     for value, _ in dates:
         if not isinstance(value, str) or date.fromisoformat(value).isoformat() != value:
@@ -151,9 +146,8 @@ async def load_catalog(db: aiosqlite.Connection) -> Catalog:
     dates = sorted(dates)
     ids, names = {}, {}
     for dim, (column, table, name) in DIMENSIONS.items():
-        rows = await db.execute_fetchall(
-            f"SELECT {column}, {name} FROM {table} ORDER BY 1"
-        )
+        sql = f"SELECT {column}, {name} FROM {table} ORDER BY 1"
+        rows = await db.execute_fetchall(sql)
         names[dim] = [str(n) for _, n in rows]
         ids[dim] = {
             str(n).casefold(): i for i, n in reversed(rows)
@@ -165,22 +159,17 @@ async def load_catalog(db: aiosqlite.Connection) -> Catalog:
     ):  # fmt: skip
         unique_keys.setdefault(index, set()).add(column)
     # The fact table's size: from ANALYZE's statistics if the file has them, else counted.
-    has_stats = await db.execute_fetchall(
+    stats = await db.execute_fetchall(
         "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'"
     )
-    stats = has_stats and await db.execute_fetchall(
-        "SELECT stat FROM sqlite_stat1 WHERE tbl = ?", [FACT]
-    )
     if stats:
-        fact_rows = int(stats[0][0].split()[0])
-    else:
-        [(fact_rows,)] = await db.execute_fetchall(f"SELECT count(*) FROM {FACT}")
-    listing = {
-        "date": {
-            "first": dates[0][0] if dates else None,
-            "last": dates[-1][0] if dates else None,
-        }
-    }
+        sql = "SELECT stat FROM sqlite_stat1 WHERE tbl = ?"
+        stats = await db.execute_fetchall(sql, [FACT])
+    [[fact_rows]] = stats[:1] or await db.execute_fetchall(
+        f"SELECT count(*) FROM {FACT}"
+    )
+    span = {"first": dates[0][0], "last": dates[-1][0]} if dates else {}
+    listing = {"date": {"first": None, "last": None, **span}, **names}
     return Catalog(
         dates=[d for d, _ in dates],
         date_ids=[i for _, i in dates],
@@ -188,8 +177,8 @@ async def load_catalog(db: aiosqlite.Connection) -> Catalog:
         names=names,
         dates_follow_ids=[i for _, i in dates] == sorted(i for _, i in dates),
         one_row_per_key={"date_id", *id_columns} in unique_keys.values(),
-        fact_rows=fact_rows,
-        listing=json.dumps({**listing, **names}, separators=(",", ":")).encode(),
+        fact_rows=int(str(fact_rows).split()[0]),  # a stat's first number is the rows
+        listing=json.dumps(listing, separators=(",", ":")).encode(),
     )
 
 
@@ -198,7 +187,7 @@ class LowPriority(sqlite3.Connection):
 
     sqlite3 connects in the thread that will run the connection's queries (aiosqlite
     keeps one per connection), and on Linux a thread's own id names it for
-    setpriority, so this lowers the priority of that thread alone.
+    setpriority: this lowers the priority of that one thread.
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -222,12 +211,12 @@ class Database:
         self.lock = asyncio.Lock()
 
     async def current(self) -> Catalog:
-        """Return the catalog of the file at the path, opening it if it is new.
+        """Return the catalog of the file at the path, opening the file if it is new.
 
         The path is looked at once a second at most: a stat() on every request costs
         more than a small query, because the call hands the GIL to the query threads.
         """
-        if self.catalog is None or time.monotonic() - self.checked_at >= 1.0:
+        if self.catalog is None or time.monotonic() - self.checked_at >= 1:
             try:
                 st = os.stat(self.path)
             except OSError as e:
@@ -260,27 +249,20 @@ class Database:
         self.file_id = file_id
 
     async def close(self) -> None:
-        connections, self.connections, self.catalog, self.idle = (
-            self.connections,
-            [],
-            None,
-            {},
-        )
+        connections, self.connections = self.connections, []
+        self.catalog, self.idle = None, {}
         for db in connections:
             await db.close()  # after the query it is running, if any
 
     async def fetch(self, sql: str, params: list, lane: str = "light") -> list[tuple]:
         """Run one statement on an idle connection, interrupted at the time limit."""
         await self.current()
-        idle = self.idle[
-            lane
-        ]  # the connection goes back to its own pool, even if reopened
+        idle = self.idle[lane]  # the connection's own pool, even after a reopen
         try:
             db = await asyncio.wait_for(idle.get(), self.timeout)
         except TimeoutError:
-            raise Unavailable(
-                f"every connection stayed busy for {self.timeout:g} s; retry later"
-            ) from None
+            busy = f"every connection stayed busy for {self.timeout:g} s; retry later"
+            raise Unavailable(busy) from None
         loop = asyncio.get_running_loop()
         timer = loop.call_later(self.timeout, lambda: loop.create_task(db.interrupt()))
         try:
@@ -288,16 +270,9 @@ class Database:
         except asyncio.CancelledError:
             await db.interrupt()  # the client is gone: free the connection
             raise
-        except (
-            sqlite3.DatabaseError,
-            ValueError,
-        ) as e:  # ValueError: closed by a reopen
-            if type(e) not in (
-                sqlite3.OperationalError,
-                sqlite3.DatabaseError,
-                ValueError,
-            ):
-                raise  # a programming error, not a fault of the file
+        except (sqlite3.Error, ValueError) as e:  # ValueError: closed by a reopen
+            if isinstance(e, sqlite3.ProgrammingError):
+                raise  # a fault of ours, not of the file
             if str(e) == "interrupted" and loop.time() >= timer.when():
                 raise Unavailable(
                     f"the query ran longer than {self.timeout:g} s and was stopped; "
@@ -305,30 +280,11 @@ class Database:
                 ) from None
             if getattr(e, "sqlite_errorcode", None) != sqlite3.SQLITE_BUSY:
                 log.warning("database %s failed: %s", self.path, e)
-                self.catalog = (
-                    None  # a fault of the file: reopen it on the next request
-                )
+                self.catalog = None  # reopen the file on the next request
             raise Unavailable(f"database {self.path} cannot be read: {e}") from None
         finally:
             timer.cancel()
             idle.put_nowait(db)
-
-
-def split_values(values: list[str], info: ValidationInfo) -> list[str]:
-    """Take repeated and comma-separated values; refuse empty and repeated ones."""
-    items = [item.strip() for value in values for item in value.split(",")]
-    seen = set()
-    for item in items:
-        if not item:
-            raise PydanticCustomError(
-                "string_too_short", f"{info.field_name} has an empty value"
-            )
-        if item.removeprefix("-").casefold() in seen:  # "-cost" repeats "cost" in sort
-            raise PydanticCustomError(
-                "value_error", f"{info.field_name} lists {shorten(item)} more than once"
-            )
-        seen.add(item.removeprefix("-").casefold())
-    return items
 
 
 def shorten(value: str) -> str:
@@ -336,17 +292,32 @@ def shorten(value: str) -> str:
     return repr(value if len(value) <= 60 else value[:60] + "…")
 
 
+def split_values(values: list[str], info: ValidationInfo) -> list[str]:
+    """Take repeated and comma-separated values; refuse empty and repeated ones."""
+    items = [item.strip() for value in values for item in value.split(",")]
+    seen = set()
+    for item in items:
+        name = info.field_name
+        if not item:
+            raise PydanticCustomError("string_too_short", f"{name} has an empty value")
+        if item.removeprefix("-").casefold() in seen:  # "-cost" repeats "cost" in sort
+            raise PydanticCustomError(
+                "value_error", f"{name} lists {shorten(item)} more than once"
+            )
+        seen.add(item.removeprefix("-").casefold())
+    return items
+
+
 def not_one_of(field: str, value: str, valid: list[str]) -> PydanticCustomError:
-    return PydanticCustomError(
-        "literal_error", f"{field} {shorten(value)} is not one of: {', '.join(valid)}"
-    )
+    message = f"{field} {shorten(value)} is not one of: {', '.join(valid)}"
+    return PydanticCustomError("literal_error", message)
 
 
 def filter_field(dim: str) -> list[str]:
     return Field(
         default_factory=list,
-        description=f"Keep only these {dim.replace('_', ' ')} values (see GET /dimensions): "
-        "repeat the parameter or separate values with commas; case-insensitive.",
+        description=f"Keep only these {dim.replace('_', ' ')} values (GET /dimensions "
+        "lists them): repeat the parameter or separate values with commas; any case.",
     )
 
 
@@ -367,8 +338,8 @@ class MetricsQuery(BaseModel):
     device_type: list[str] = filter_field("device_type")
     group_by: list[GroupField] = Field(
         default_factory=lambda: list(DEFAULT_GROUP_BY),
-        description="The breakdown, in output order; at most one of date, week and month. "
-        "Default: the seven fact dimensions, one row per fact row.",
+        description="The breakdown, in output order; at most one of date, week and "
+        "month. Default: the seven fact dimensions, one row per fact row.",
     )
     sort: list[str] = Field(
         default_factory=list,
@@ -390,18 +361,16 @@ class MetricsQuery(BaseModel):
             problem = "is not a date in YYYY-MM-DD form"
         except ValueError:
             problem = "is not a real date"
-        raise PydanticCustomError(
-            "date_parsing", f"{info.field_name} {shorten(value)} {problem}"
-        )
+        message = f"{info.field_name} {shorten(value)} {problem}"
+        raise PydanticCustomError("date_parsing", message)
 
     @field_validator("end_date")
     @classmethod
     def end_after_start(cls, end: date | None, info: ValidationInfo) -> date | None:
         start = info.data.get("start_date")
         if start and end and end < start:
-            raise PydanticCustomError(
-                "value_error", f"end_date {end} is before start_date {start}"
-            )
+            message = f"end_date {end} is before start_date {start}"
+            raise PydanticCustomError("value_error", message)
         return end
 
     @field_validator(*DIMENSIONS)
@@ -418,10 +387,8 @@ class MetricsQuery(BaseModel):
                 raise not_one_of("group_by", field, GROUP_FIELDS)
         periods = [f for f in fields if f in ("date", *PERIODS)]
         if len(periods) > 1:
-            raise PydanticCustomError(
-                "value_error",
-                f"group_by takes one of date, week and month, not {periods}",
-            )
+            message = f"group_by takes one of date, week and month, not {periods}"
+            raise PydanticCustomError("value_error", message)
         return fields
 
     @field_validator("sort")
@@ -440,20 +407,14 @@ def resolve_filters(query: MetricsQuery, catalog: Catalog) -> dict[str, list[int
     """Map each filter's names to ids, or answer 422 with the valid names."""
     filters, errors = {}, []
     for dim in DIMENSIONS:
-        known = catalog.ids[dim]
-        for name in getattr(query, dim):
+        names, known = getattr(query, dim), catalog.ids[dim]
+        for name in names:
             if name.casefold() not in known:
-                message = f"{dim} {shorten(name)} is not one of: {', '.join(catalog.names[dim])}"
-                errors.append(
-                    {
-                        "type": "literal_error",
-                        "loc": ("query", dim),
-                        "msg": message,
-                        "input": name,
-                    }
-                )
-        if getattr(query, dim):
-            filters[dim] = [known.get(name.casefold()) for name in getattr(query, dim)]
+                message = not_one_of(dim, name, catalog.names[dim]).message()
+                error = {"type": "literal_error", "msg": message, "input": name}
+                errors.append({**error, "loc": ("query", dim)})
+        if names:
+            filters[dim] = [known.get(name.casefold()) for name in names]
     if errors:
         raise RequestValidationError(errors)
     return filters
@@ -467,17 +428,12 @@ def column(field: str) -> str:
 
 
 def label(field: str) -> tuple[str, str]:
-    """Return the SQL for a page row's output value of a group_by field, and the join
+    """Return the SQL for a group_by field's output value on a page row, and the join
     that supplies it: a LEFT JOIN keeps the page's order, and rows with unknown ids."""
     if field in PERIODS:
         return f"page.{field}", ""
-    id_column, table, name = DIMENSIONS.get(
-        field, ("date_id", "dim_date", "date_value")
-    )
-    return (
-        f"{table}.{name}",
-        f" LEFT JOIN {table} ON {table}.{id_column} = page.{id_column}",
-    )
+    key, table, name = DIMENSIONS.get(field, ("date_id", "dim_date", "date_value"))
+    return f"{table}.{name}", f" LEFT JOIN {table} ON {table}.{key} = page.{key}"
 
 
 @lru_cache(maxsize=1024)
@@ -493,7 +449,7 @@ def build_sql(
     as JSON, the totals as JSON and the number of groups: SQLite does all the work,
     and the thread that runs it hands back a single value."""
     # One placeholder per filter value: unlike a JSON list, it lets SQLite seek on a
-    # key column after the first, with or without a date range.
+    # key column after the first.
     where = ["date_id IN (SELECT value FROM json_each(?))"] * dated
     where += [f"{DIMENSIONS[dim][0]} IN ({', '.join('?' * n)})" for dim, n in filtered]
     where_sql = f"WHERE {' AND '.join(where)}" if where else ""
@@ -507,23 +463,17 @@ def build_sql(
         materialized = "NOT MATERIALIZED"
     else:
         groups = f"SELECT {ids}, {sums} FROM {FACT} {where_sql} GROUP BY {ids}"
-        materialized = (
-            "MATERIALIZED"  # aggregated once, read by the page and the totals
-        )
+        materialized = "MATERIALIZED"  # aggregated once, for the page and the totals
     period = next((f for f in fields if f in PERIODS), None)
-    if period:  # roll days up into weeks or months: a few rows a day, not the fact rows
-        keys = ", ".join(
-            f"{PERIODS[f]} AS {f}" if f == period else column(f) for f in fields
-        )
+    if period:  # roll days up into weeks or months: a few rows a day, not fact rows
+        keys = [f"{PERIODS[f]} AS {f}" if f == period else column(f) for f in fields]
         groups = (
-            f"SELECT {keys}, {sums} FROM ({groups}) JOIN dim_date USING (date_id) "
-            f"GROUP BY {', '.join(map(column, fields))}"
+            f"SELECT {', '.join(keys)}, {sums} FROM ({groups}) JOIN dim_date "
+            f"USING (date_id) GROUP BY {', '.join(map(column, fields))}"
         )
     order = []
-    for item in [
-        *sort,
-        *[f for f in fields if f not in {s.removeprefix("-") for s in sort}],
-    ]:
+    sorted_by = {item.removeprefix("-") for item in sort}
+    for item in [*sort, *(f for f in fields if f not in sorted_by)]:
         field = item.removeprefix("-")
         key = column(field)
         if field == "date" and not dates_follow_ids:
@@ -535,34 +485,36 @@ def build_sql(
     totals = ", ".join(f"coalesce(sum({m}), 0) AS {m}" for m in BASE_METRICS)
     labels = [label(f) for f in fields]
     row = ", ".join(
-        [*(f"'{f}', {value}" for f, (value, _) in zip(fields, labels)), METRICS_JSON]
+        [*(f"'{f}', {sql}" for f, (sql, _) in zip(fields, labels)), METRICS_JSON]
     )
-    return (
-        f"WITH g AS {materialized} ({groups}) "
-        f"SELECT CAST((SELECT json_group_array(json_object({row})) FROM ("
+    page = (
         f"SELECT {', '.join(map(column, fields))}, {OUTPUTS} FROM g "
-        f"ORDER BY {', '.join(order)} LIMIT ? OFFSET ?) AS page"
-        f"{''.join(join for _, join in labels)}) AS BLOB), "  # bytes: never decoded
-        f"CAST(json_object({METRICS_JSON}) AS BLOB), group_count "
-        f"FROM (SELECT group_count, {OUTPUTS} FROM (SELECT count(*) AS group_count, {totals} FROM g))"
+        f"ORDER BY {', '.join(order)} LIMIT ? OFFSET ?"
     )
+    joins = "".join(join for _, join in labels)
+    return (  # the JSON comes back as bytes, never decoded
+        f"WITH g AS {materialized} ({groups}) SELECT "
+        f"CAST((SELECT json_group_array(json_object({row})) FROM ({page}) AS page{joins}) AS BLOB), "
+        f"CAST(json_object({METRICS_JSON}) AS BLOB), group_count FROM (SELECT group_count, "
+        f"{OUTPUTS} FROM (SELECT count(*) AS group_count, {totals} FROM g))"
+    )  # fmt: skip
 
 
 def statement(query: MetricsQuery, catalog: Catalog, filters: dict[str, list[int]]):
-    """Return the SQL and the parameters for a query."""
+    """Return the SQL and parameters for a query, and the rows it will read."""
     # With a filter, the date ids are listed too (all of them if no range is given):
-    # with the key's first column pinned, SQLite seeks to each day's matching rows,
-    # whether or not the file has statistics for a skip-scan.
+    # the key's first column pinned, SQLite seeks to each day's matching rows,
+    # whether or not the file has the statistics for a skip-scan.
     dated = bool(query.start_date or query.end_date or filters)
-    shape = [(dim, len(ids)) for dim, ids in filters.items()]
+    shape = tuple((dim, len(ids)) for dim, ids in filters.items())
     sql = build_sql(
-        tuple(query.group_by), tuple(query.sort), tuple(shape), dated,
+        tuple(query.group_by), tuple(query.sort), shape, dated,
         catalog.dates_follow_ids, catalog.one_row_per_key,
     )  # fmt: skip
     days = catalog.ids_between(query.start_date, query.end_date)
     ids = [i for values in filters.values() for i in values]
     params = [*[json.dumps(days)] * dated, *ids, query.limit, query.offset]
-    # The rows it reads, if the facts spread evenly: what tells heavy from light.
+    # The rows it reads if the facts spread evenly: what tells heavy from light.
     rows = catalog.fact_rows * len(days) / max(len(catalog.dates), 1)
     for dim, values in filters.items():
         rows *= len(values) / max(len(catalog.names[dim]), 1)
@@ -575,19 +527,11 @@ class Metrics(BaseModel):
     cost: float = Field(description="In the data's currency, rounded to cents.")
     conversions: int
     likes: int
-    ctr: float | None = Field(
-        description="clicks / impressions; null if impressions is 0."
-    )
-    cpc: float | None = Field(description="cost / clicks; null if clicks is 0.")
-    cpm: float | None = Field(
-        description="1000 * cost / impressions; null if impressions is 0."
-    )
-    cpa: float | None = Field(
-        description="cost / conversions; null if conversions is 0."
-    )
-    conversion_rate: float | None = Field(
-        description="conversions / clicks; null if clicks is 0."
-    )
+    ctr: float | None = Field(description="clicks / impressions, or null")
+    cpc: float | None = Field(description="cost / clicks, or null")
+    cpm: float | None = Field(description="1000 * cost / impressions, or null")
+    cpa: float | None = Field(description="cost / conversions, or null")
+    conversion_rate: float | None = Field(description="conversions / clicks, or null")
 
 
 class Row(Metrics):
@@ -609,14 +553,14 @@ class Paging(BaseModel):
     offset: int
     total_rows: int = Field(description="Rows in the whole result, all pages together.")
     next: str | None = Field(
-        description="Relative URL of the next page; null on the last."
+        description="The next page's relative URL; null on the last."
     )
 
 
 class MetricsPage(BaseModel):
     data: list[Row]
     totals: Metrics = Field(
-        description="Over every row that matches, not only this page."
+        description="Over every row that matches, not only the page."
     )
     paging: Paging
 
@@ -639,28 +583,19 @@ class Heartbeat:
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.runs: set[asyncio.Task] = set()
 
-    async def start(self) -> None:
-        """Create job_runs if it is missing; schedule the runs, the latest slot first."""
-        try:
-            async with aiosqlite.connect(
-                self.path, isolation_level=None, timeout=30
-            ) as db:
-                await db.execute(JOB_RUNS)
-        except sqlite3.Error as e:
-            raise StartupError(f"cannot create job_runs in {self.path}: {e}") from None
-        # Slots are multiples of the interval since the epoch, so restarts keep the grid.
-        # The latest slot is due at once: if it has run already, its claim just fails.
+    def start(self) -> None:
+        """Schedule the runs, the latest slot's first."""
+        # Slots are multiples of the interval since the epoch: restarts keep the grid.
+        # The latest slot is due at once; if it has run already, its claim just fails.
+        epoch = datetime(1970, 1, 1, tzinfo=UTC)
         self.scheduler.add_job(
             self.run,
-            IntervalTrigger(
-                seconds=self.interval,
-                start_date=datetime(1970, 1, 1, tzinfo=UTC),
-            ),
+            IntervalTrigger(seconds=self.interval, start_date=epoch),
             id="heartbeat",
             next_run_time=datetime.fromtimestamp(self.slot_of(time.time()), UTC),
             coalesce=True,
             max_instances=1,
-            misfire_grace_time=self.interval,  # late is fine, until the next slot is due
+            misfire_grace_time=self.interval,  # late is fine, until the next slot
         )
         self.scheduler.start()
 
@@ -674,7 +609,7 @@ class Heartbeat:
         now = time.time()
         slot = datetime.fromtimestamp(self.slot_of(now), UTC).isoformat()
         ran_at = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
-        # Give up half a second before the next slot is due, so that it is never skipped.
+        # Give up half a second before the next slot is due, so that it is not skipped.
         deadline = self.slot_of(now) + self.interval - 0.5
         try:
             if await self.claim(slot, ran_at, deadline):
@@ -687,7 +622,7 @@ class Heartbeat:
             self.runs.discard(task)
 
     async def claim(self, slot: str, ran_at: str, deadline: float) -> bool:
-        """Insert the slot's row unless it exists. While another process holds the
+        """Insert the slot's row unless it is there. While another process holds the
         write lock, wait in the event loop, not in a thread, so a stop can cancel it."""
         async with aiosqlite.connect(
             self.path, isolation_level=None, timeout=0.05
@@ -711,9 +646,8 @@ class Heartbeat:
     async def stop(self) -> None:
         """Stop scheduling; give a running claim two seconds, then cancel it."""
         self.scheduler.pause()
-        await asyncio.sleep(
-            0
-        )  # a run submitted a moment ago starts now, and is waited for
+        # A run submitted a moment ago starts now, so that it is waited for too.
+        await asyncio.sleep(0)
         if self.runs:
             _, pending = await asyncio.wait(self.runs, timeout=2)
             for task in pending:
@@ -724,41 +658,34 @@ class Heartbeat:
 
     def state(self) -> dict:
         job = self.scheduler.get_job("heartbeat")
+        next_run = job.next_run_time if job else None
         return {
             "running": self.scheduler.running,
             "interval_seconds": self.interval,
-            "next_run_at": job.next_run_time.isoformat()
-            if job and job.next_run_time
-            else None,
+            "next_run_at": next_run.isoformat() if next_run else None,
         }
 
 
-@asynccontextmanager
+@contextlib.asynccontextmanager
 async def lifespan(app: FastAPI):
     # Start-up: open the database, or stop with one line that says what is wrong.
     if not log.handlers:
         handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("%(levelname)s:     %(name)s[%(process)d] %(message)s")
-        )
+        line = "%(levelname)s:     %(name)s[%(process)d] %(message)s"
+        handler.setFormatter(logging.Formatter(line))
         log.addHandler(handler)
     log.setLevel(LOG_LEVEL)
     if not os.path.exists(DB_PATH):
         raise StartupError(
             f"database {DB_PATH} not found; create it with: python seed.py --db {DB_PATH}"
         )
-    db, heartbeat = (
-        Database(DB_PATH, QUERY_TIMEOUT_SECONDS),
-        Heartbeat(DB_PATH, HEARTBEAT_INTERVAL_SECONDS),
-    )
+    db = Database(DB_PATH, QUERY_TIMEOUT_SECONDS)
+    heartbeat = Heartbeat(DB_PATH, HEARTBEAT_INTERVAL_SECONDS)
     try:
         await db.current()
-        await heartbeat.start()
     except Unavailable as e:
         raise StartupError(str(e)) from None
-    finally:
-        if not heartbeat.scheduler.running:
-            await db.close()
+    heartbeat.start()
     app.state.db, app.state.heartbeat = db, heartbeat
     yield
     # Shutdown: let a running heartbeat finish, then close every connection.
@@ -766,9 +693,9 @@ async def lifespan(app: FastAPI):
     await db.close()
 
 
-# No redirects: an unknown path is a 404, whether or not it ends in a slash.
+# No redirects: an unknown path is a 404, whether or not it ends with a slash.
 app = FastAPI(
-    title="Ad Metrics API", version="1.0.0", lifespan=lifespan, redirect_slashes=False
+    title="Ad Metrics API", version="1.0", lifespan=lifespan, redirect_slashes=False
 )
 
 
@@ -781,25 +708,21 @@ class OneLineStartupErrors:
     async def __call__(self, scope, receive, send) -> None:
         async def send_message(message: dict) -> None:
             error = sys.exc_info()[1]  # the router reports a failure while handling it
-            if message["type"] == "lifespan.startup.failed" and isinstance(
-                error, StartupError
-            ):
+            failed = message["type"] == "lifespan.startup.failed"
+            if failed and isinstance(error, StartupError):
                 message = {**message, "message": str(error)}
             await send(message)
 
-        await self.app(
-            scope, receive, send_message if scope["type"] == "lifespan" else send
-        )
+        lifespan = scope["type"] == "lifespan"
+        await self.app(scope, receive, send_message if lifespan else send)
 
 
 app.add_middleware(OneLineStartupErrors)
 
 
 @app.exception_handler(RequestValidationError)
-async def invalid_request(
-    request: Request, error: RequestValidationError
-) -> JSONResponse:
-    """FastAPI's standard 422 body, with every message naming its parameter and value."""
+async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+    """FastAPI's standard 422 body, each message naming its parameter and value."""
     detail = jsonable_encoder(error.errors())
     for e in detail:
         name = str(e["loc"][-1])
@@ -819,19 +742,15 @@ async def internal_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
 
 
-@app.get(
-    "/metrics",
-    response_model=MetricsPage,
-    responses={
-        503: {"model": Problem, "description": "The database cannot answer now."}
-    },
-)
-async def get_metrics(
-    request: Request, query: Annotated[MetricsQuery, Query()]
-) -> Response:
+UNAVAILABLE = {503: {"model": Problem, "description": "The database cannot answer."}}
+
+
+@app.get("/metrics", response_model=MetricsPage, responses=UNAVAILABLE)
+async def get_metrics(request: Request, query: Annotated[MetricsQuery, Query()]):
     """Return metrics grouped by `group_by`, filtered, sorted and paged, with totals.
 
-    Example: `/metrics?start_date=2025-03-01&end_date=2025-03-31&platform=Instagram&group_by=week,device_type&sort=-cost&limit=10`
+    Example: `/metrics?start_date=2025-03-01&end_date=2025-03-31&platform=Instagram`
+    `&group_by=week,device_type&sort=-cost&limit=10`
     """
     db: Database = request.app.state.db
     catalog = await db.current()
@@ -849,25 +768,22 @@ async def get_metrics(
     return Response(body, media_type="application/json")
 
 
-@app.get("/dimensions", responses={503: {"model": Problem}})
+@app.get("/dimensions", responses=UNAVAILABLE)
 async def get_dimensions(request: Request) -> Response:
     """List each dimension's values, in their table's order, and the range of dates."""
-    return Response(
-        (await request.app.state.db.current()).listing, media_type="application/json"
-    )
+    listing = (await request.app.state.db.current()).listing
+    return Response(listing, media_type="application/json")
 
 
 @app.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Report whether the database can be read, and the heartbeat's schedule and last run."""
-    scheduler = request.app.state.heartbeat.state()
-    db = request.app.state.db
+    """Report whether the database can be read, and the heartbeat's schedule and run."""
+    scheduler, db = request.app.state.heartbeat.state(), request.app.state.db
     try:  # a file put in place while serving has no job_runs until the next run
         rows = await db.fetch("SELECT 1 FROM sqlite_master WHERE name = 'job_runs'", [])
         if rows:
-            rows = await db.fetch(
-                "SELECT slot, ran_at FROM job_runs ORDER BY slot DESC LIMIT 1", []
-            )
+            sql = "SELECT slot, ran_at FROM job_runs ORDER BY slot DESC LIMIT 1"
+            rows = await db.fetch(sql, [])
     except Unavailable as e:
         body = {"status": "unavailable", "reason": str(e), "scheduler": scheduler}
         return JSONResponse(body, status_code=503)
