@@ -212,9 +212,8 @@ def client(db_path):
     before = dump(db_path)
     with TestClient(main.app) as client:
         yield client
-    assert (
-        dump(db_path) == before
-    )  # no request changed a table; only job_runs was added
+    # No request changed a table; only job_runs was added.
+    assert dump(db_path) == before
 
 
 def check_page(response, params: dict) -> dict:
@@ -700,9 +699,8 @@ def test_a_claim_waiting_for_the_write_lock_blocks_no_request(db_path, monkeypat
             )
         )
     assert slowest < 0.1
-    assert (
-        due <= datetime.fromisoformat(runs).timestamp() < released
-    )  # it ran on time, then waited
+    # It started on time, and was recorded once the lock was released.
+    assert due <= datetime.fromisoformat(runs).timestamp() < released
 
 
 def test_a_failing_run_is_logged_with_its_traceback_and_the_next_slot_runs(
@@ -761,9 +759,8 @@ def test_two_workers_record_each_slot_once_and_log_it_once(tmp_path):
     runs = job_runs(db)
     stamps = [datetime.fromisoformat(slot).timestamp() for slot, _, _ in runs]
     assert len(stamps) >= 3
-    assert [b - a for a, b in pairwise(stamps)] == [2] * (
-        len(stamps) - 1
-    )  # none missing
+    gaps = [b - a for a, b in pairwise(stamps)]
+    assert gaps == [2] * len(gaps)  # none missing, none twice
     lines = [
         line
         for line in (tmp_path / "server.log").read_text().splitlines()
@@ -813,15 +810,12 @@ def test_sigterm_under_load_during_a_heartbeat_run_stops_cleanly(tmp_path):
     assert stopped_in < 5
     assert status in (0, -signal.SIGTERM)
     assert "Application shutdown complete" in log
-    assert (
-        "not recorded: the server is stopping" in log
-    )  # the waiting run was interrupted
+    # The run waiting for the lock was stopped, and said so.
+    assert "not recorded: the server is stopping" in log
     for bad in ("Traceback", "ResourceWarning", "Task was destroyed", "ERROR"):
         assert bad not in log
     assert answered and set(answered) == {200}
-    assert all(
-        len(row) == 3 and None not in row for row in job_runs(db)
-    )  # whole rows only
+    assert all(None not in row for row in job_runs(db))  # whole rows only
 
 
 def test_query_connections_cannot_write(client):
@@ -845,9 +839,8 @@ def test_a_query_past_the_time_limit_is_stopped_and_the_connection_still_works(
 ):
     seed.seed(tmp_path / "big.db", days=30, density=0.5)
     monkeypatch.setattr(main, "DB_PATH", str(tmp_path / "big.db"))
-    monkeypatch.setattr(
-        main, "LANES", {"light": 1, "heavy": 1}
-    )  # the next one reuses it
+    # One connection per lane, so that the next request reuses the interrupted one.
+    monkeypatch.setattr(main, "LANES", {"light": 1, "heavy": 1})
     monkeypatch.setattr(main, "QUERY_TIMEOUT_SECONDS", 0.01)
     heavy = "/metrics?group_by=region,age_group,gender,platform,placement,device_type&sort=-ctr"
     with TestClient(main.app) as client:
@@ -888,9 +881,7 @@ def test_heavy_queries_run_apart_at_a_lower_priority(client, monkeypatch):
         "detail": "every connection stayed busy for 0.2 s; retry later"
     }
     light = {"start_date": "2025-02-01", "end_date": "2025-02-01", "region": "Zulu"}
-    check_page(
-        client.get("/metrics", params=light), light
-    )  # the light lane still answers
+    check_page(client.get("/metrics", params=light), light)  # the light lane answers
     for connection in taken:
         db.idle["heavy"].put_nowait(connection)
     check_page(client.get("/metrics?group_by=platform"), {"group_by": "platform"})
