@@ -411,8 +411,10 @@ def resolve_filters(query: MetricsQuery, catalog: Catalog) -> dict[str, list[int
         for name in names:
             if name.casefold() not in known:
                 message = not_one_of(dim, name, catalog.names[dim]).message()
-                error = {"type": "literal_error", "msg": message, "input": name}
-                errors.append({**error, "loc": ("query", dim)})
+                loc = ("query", dim)
+                errors.append(
+                    {"type": "literal_error", "loc": loc, "msg": message, "input": name}
+                )
         if names:
             filters[dim] = [known.get(name.casefold()) for name in names]
     if errors:
