@@ -1046,3 +1046,75 @@ def test_no_request_crashes_the_service(client, method, path, valid, odd, raw):
 @given(params=VALID)
 def test_any_valid_query_matches_the_reference(client, params):
     check_page(client.get("/metrics", params=params), params)
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("PORT=abc", "PORT must be a positive int, not 'abc'"),
+        (
+            "HEARTBEAT_INTERVAL_SECONDS=0",
+            "HEARTBEAT_INTERVAL_SECONDS must be a positive int, not '0'",
+        ),
+        (
+            "QUERY_TIMEOUT_SECONDS=-1",
+            "QUERY_TIMEOUT_SECONDS must be a positive float, not '-1'",
+        ),
+        (
+            "LOG_LEVEL=loud",
+            "LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not 'LOUD'",
+        ),
+    ],
+)
+def test_a_bad_setting_stops_the_service_with_one_line_naming_it(
+    db_path, setting, message
+):
+    name, value = setting.split("=")
+    result = run(
+        "-m",
+        "uvicorn",
+        "main:app",
+        "--port",
+        "0",
+        env={"ADS_DB": str(db_path), name: value},
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == message
+    assert "Traceback" not in result.stderr
+
+
+def test_python_main_py_seeds_a_missing_database_then_serves(tmp_path):
+    import httpx
+
+    port = free_port()
+    env = {**os.environ, "ADS_DB": str(tmp_path / "new.db"), "PORT": str(port)}
+    server = subprocess.Popen(
+        [sys.executable, "main.py"],
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        health = wait_until(
+            lambda: probe(f"http://127.0.0.1:{port}/health"), timeout=60
+        )
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        dims = httpx.get(f"http://127.0.0.1:{port}/dimensions").json()
+        assert dims["date"] == {"first": "2025-01-01", "last": "2025-12-31"}
+    finally:
+        server.send_signal(signal.SIGTERM)
+        log, _ = server.communicate(timeout=10)
+    assert "new.db not found: seeding it" in log
+    assert "seeded " in log and " rows over 365 days in " in log
+
+
+def probe(url: str):
+    """GET url; None if nothing answers yet."""
+    import httpx
+
+    try:
+        return httpx.get(url)
+    except httpx.TransportError:
+        return None
