@@ -149,9 +149,8 @@ async def load_catalog(db: aiosqlite.Connection) -> Catalog:
         sql = f"SELECT {column}, {name} FROM {table} ORDER BY 1"
         rows = await db.execute_fetchall(sql)
         names[dim] = [str(n) for _, n in rows]
-        ids[dim] = {
-            str(n).casefold(): i for i, n in reversed(rows)
-        }  # a clash: first id
+        # Casefolded names to ids; if two names fold alike, the first id wins.
+        ids[dim] = {str(n).casefold(): i for i, n in reversed(rows)}
     unique_keys: dict[str, set[str]] = {}
     for index, column in await db.execute_fetchall(
         "SELECT il.name, ii.name FROM pragma_index_list(?) AS il "
@@ -159,15 +158,13 @@ async def load_catalog(db: aiosqlite.Connection) -> Catalog:
     ):  # fmt: skip
         unique_keys.setdefault(index, set()).add(column)
     # The fact table's size: from ANALYZE's statistics if the file has them, else counted.
-    stats = await db.execute_fetchall(
-        "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'"
+    exists = "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'"
+    stat = "SELECT stat FROM sqlite_stat1 WHERE tbl = ? LIMIT 1"
+    stats = await db.execute_fetchall(exists) and await db.execute_fetchall(
+        stat, [FACT]
     )
-    if stats:
-        sql = "SELECT stat FROM sqlite_stat1 WHERE tbl = ?"
-        stats = await db.execute_fetchall(sql, [FACT])
-    [[fact_rows]] = stats[:1] or await db.execute_fetchall(
-        f"SELECT count(*) FROM {FACT}"
-    )
+    count = f"SELECT count(*) FROM {FACT}"
+    [[fact_rows]] = stats or await db.execute_fetchall(count)
     span = {"first": dates[0][0], "last": dates[-1][0]} if dates else {}
     listing = {"date": {"first": None, "last": None, **span}, **names}
     return Catalog(
