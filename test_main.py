@@ -753,7 +753,7 @@ def test_two_workers_record_each_slot_once_and_log_it_once(tmp_path):
     server, _ = serve(
         db, tmp_path / "server.log", "--workers", "2", HEARTBEAT_INTERVAL_SECONDS="2"
     )
-    time.sleep(7)
+    time.sleep(8)  # about 7 s of slots, after the workers start
     server.send_signal(signal.SIGTERM)
     server.wait(timeout=10)
     runs = job_runs(db)
