@@ -2,8 +2,11 @@
 
     python seed.py [--db PATH] [--start YYYY-MM-DD] [--days N] [--density F] [--seed N] [--force]
 
-The database is built in a temporary file beside the target and renamed into place, so
-an interrupted run never leaves a half-filled database at the target path.
+The database is built in a temporary file beside the target, then put in place: a new
+file is linked there; over an existing database (--force) its pages are copied in with
+SQLite's backup API, in one transaction under SQLite's locks, so a service reading the
+file sees the old data or the new, never a damaged file. An interrupted run leaves the
+target as it was.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import secrets
 import sqlite3
 import sys
 import time
+from contextlib import closing
 from datetime import date, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 SCHEMA = """
 CREATE TABLE dim_date (
@@ -109,7 +114,7 @@ PLACEMENTS = [
     "Right Column",
     "In-Stream Video",
     "Inbox",
-    "Native/Banner/Interstitial",
+    "Native, Banner & Interstitial",
     "Rewarded Video",
 ]
 # Where each platform shows ads: placement -> (share of the platform's audience, CTR).
@@ -132,7 +137,7 @@ PLATFORM_PLACEMENTS = {
         "Search Results": (0.05, 0.015),
     },
     "Audience Network": {
-        "Native/Banner/Interstitial": (0.7, 0.009),
+        "Native, Banner & Interstitial": (0.7, 0.009),
         "Rewarded Video": (0.3, 0.020),
     },
     "Messenger": {"Inbox": (0.6, 0.007), "Stories": (0.4, 0.005)},
@@ -147,7 +152,7 @@ MOBILE_ONLY = {
     "Stories",
     "Reels",
     "Explore",
-    "Native/Banner/Interstitial",
+    "Native, Banner & Interstitial",
     "Rewarded Video",
 }
 DESKTOP_ONLY = {"Right Column"}
@@ -247,68 +252,116 @@ def seed(
     target = Path(path)
     if target.exists() and not force:
         raise FileExistsError(f"{target} already exists; pass --force to replace it")
+    live = database_format(target) if target.exists() else None
     # A fresh name beside the target (so the rename stays on one file system), created
     # with the usual permissions rather than mkstemp's owner-only ones.
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        db = sqlite3.connect(tmp, isolation_level=None)
-        try:
-            # The file is private until the rename: no journal, no syncs while building.
-            db.execute("PRAGMA journal_mode = OFF")
-            db.execute("PRAGMA synchronous = OFF")
-            db.execute("PRAGMA page_size = 8192")
-            db.executescript(SCHEMA)
-            db.execute("BEGIN")
-            db.executemany(
-                "INSERT INTO dim_date VALUES (?, ?)",
-                (
-                    (i, (start + timedelta(days=i - 1)).isoformat())
-                    for i in range(1, days + 1)
-                ),
-            )
-            for table, names in [
-                ("dim_region", [r[0] for r in REGIONS]),
-                ("dim_age_group", [a[0] for a in AGE_GROUPS]),
-                ("dim_gender", [g[0] for g in GENDERS]),
-                ("dim_platform", [p[0] for p in PLATFORMS]),
-                ("dim_placement", PLACEMENTS),
-                ("dim_device_type", [d[0] for d in DEVICE_TYPES]),
-            ]:
-                db.executemany(
-                    f"INSERT INTO {table} VALUES (?, ?)", enumerate(names, 1)
-                )
-            db.executemany(
-                "INSERT INTO fact_ad_metrics_daily VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                fact_rows(start, days, density, random.Random(seed)),
-            )
-            rows = db.execute("SELECT count(*) FROM fact_ad_metrics_daily").fetchone()[
-                0
-            ]
-            db.execute("COMMIT")
-            db.execute("ANALYZE")
-            # Readers and the heartbeat writer then work side by side.
-            db.execute("PRAGMA journal_mode = WAL")
-        finally:
-            db.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        if force:
-            os.replace(tmp, target)
+        page_size, journal_mode = live or (8192, "wal")
+        rows = build(tmp, page_size, journal_mode, start, days, density, seed)
+        if live:
+            copy_into(tmp, target)
         else:
-            os.link(
-                tmp, target
-            )  # fails, rather than overwrites, if the target appeared
-            os.unlink(tmp)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            place(tmp, target, replace=force)
+    finally:
+        tmp.unlink(missing_ok=True)
     return rows
+
+
+def build(
+    path: Path,
+    page_size: int,
+    journal_mode: str,
+    start: date,
+    days: int,
+    density: float,
+    seed: int,
+) -> int:
+    """Create the schema in the new file at `path` and fill it; return the fact rows."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        # The file is private until it is in place: no journal, no syncs while building.
+        db.execute("PRAGMA journal_mode = OFF")
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute(f"PRAGMA page_size = {int(page_size)}")
+        db.executescript(SCHEMA)
+        db.execute("BEGIN")
+        db.executemany(
+            "INSERT INTO dim_date VALUES (?, ?)",
+            (
+                (i, (start + timedelta(days=i - 1)).isoformat())
+                for i in range(1, days + 1)
+            ),
+        )
+        for table, names in [
+            ("dim_region", [r[0] for r in REGIONS]),
+            ("dim_age_group", [a[0] for a in AGE_GROUPS]),
+            ("dim_gender", [g[0] for g in GENDERS]),
+            ("dim_platform", [p[0] for p in PLATFORMS]),
+            ("dim_placement", PLACEMENTS),
+            ("dim_device_type", [d[0] for d in DEVICE_TYPES]),
+        ]:
+            db.executemany(f"INSERT INTO {table} VALUES (?, ?)", enumerate(names, 1))
+        db.executemany(
+            "INSERT INTO fact_ad_metrics_daily VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            fact_rows(start, days, density, random.Random(seed)),
+        )
+        [[rows]] = db.execute("SELECT count(*) FROM fact_ad_metrics_daily")
+        db.execute("COMMIT")
+        db.execute("ANALYZE")
+        # WAL lets readers and the heartbeat's writer work side by side. The mode is
+        # written in the file's header, which a copy into a live file carries along.
+        db.execute(
+            f"PRAGMA journal_mode = {'WAL' if journal_mode == 'wal' else 'DELETE'}"
+        )
+    finally:
+        db.close()
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return rows
+
+
+def database_format(path: Path) -> tuple[int, str] | None:
+    """The page size and journal mode of the SQLite database at path; None if it is
+    not one that can be read."""
+    try:
+        uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+        with closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+            [[page_size]] = db.execute("PRAGMA page_size")
+            [[journal_mode]] = db.execute("PRAGMA journal_mode")
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        return None
+    return page_size, journal_mode
+
+
+def copy_into(source: Path, target: Path) -> None:
+    """Write the new database into the live file at target with SQLite's backup API:
+    one transaction under SQLite's own locks, so that readers of the file see the old
+    data or the new, never a mix, and an interrupted copy leaves the old data whole.
+    (Renaming a new file over a live one would pair it with the old file's -wal.)"""
+    with (
+        closing(sqlite3.connect(source)) as src,
+        closing(sqlite3.connect(target, timeout=60)) as dst,
+    ):
+        src.backup(dst)
+
+
+def place(tmp: Path, target: Path, replace: bool) -> None:
+    """Put the finished file at target: a rename over a file that is not a readable
+    database (with --force), else a link that fails if the target appeared."""
+    for suffix in ("-wal", "-shm", "-journal"):  # a removed database's, never ours
+        Path(f"{target}{suffix}").unlink(missing_ok=True)
+    if replace:
+        os.replace(tmp, target)
+    else:
+        os.link(tmp, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def main(argv: list[str] | None = None) -> int:
