@@ -214,11 +214,11 @@ class MetricsPage(BaseModel):
 router = APIRouter()
 
 
-def get_database(request: Request) -> Database:
+async def get_database(request: Request) -> Database:  # async: no thread hop
     return request.app.state.database
 
 
-def get_heartbeat(request: Request) -> Heartbeat:
+async def get_heartbeat(request: Request) -> Heartbeat:
     return request.app.state.heartbeat
 
 
@@ -247,17 +247,14 @@ async def get_metrics(
     if query.format == "csv":
         limit = query.limit if "limit" in query.model_fields_set else -1  # -1: all
         params += [limit, query.offset]
-        chunks = database.rows(snapshot, f"WITH {groups} {rows}", params)
+        chunks = database.stream(snapshot, f"WITH {groups} {rows}", params)
         first = await anext(chunks)  # the first rows, within the time limit
         headers["Content-Disposition"] = 'attachment; filename="metrics.csv"'
         body = csv_text([*query.group_by, *METRICS], first, chunks)
         return StreamingResponse(body, media_type="text/csv", headers=headers)
-    sql, params = (
-        page_sql(groups, rows, query.group_by),
-        params + [query.limit, query.offset],
-    )
-    async with contextlib.aclosing(database.rows(snapshot, sql, params)) as chunks:
-        [(data, totals, total_rows)] = await anext(chunks)
+    params += [query.limit, query.offset]
+    sql = page_sql(groups, rows, query.group_by)
+    [(data, totals, total_rows)] = await database.fetch(snapshot, sql, params)
     paging = {"limit": query.limit, "offset": query.offset, "total_rows": total_rows}
     paging["next"] = next_page(request, query, total_rows)
     # SQLite writes the page and the totals as JSON (the tests hold them to MetricsPage):
@@ -400,9 +397,11 @@ def ratio(numerator: str, denominator: str) -> str:
 
 CENTS = "CAST(round(100 * cost_sum) AS INTEGER)"  # cost is money: reported in cents
 OUTPUT = {  # each output metric, from a group's sums
-    **{m: m for m in ["impressions", "clicks"]},
+    "impressions": "impressions",
+    "clicks": "clicks",
     "cost": f"{CENTS} / 100.0",
-    **{m: m for m in ["conversions", "likes"]},
+    "conversions": "conversions",
+    "likes": "likes",
     "ctr": ratio("clicks", "impressions"),
     "cpc": ratio(CENTS, "100 * clicks"),
     "cpm": ratio(f"10 * {CENTS}", "impressions"),
@@ -410,40 +409,17 @@ OUTPUT = {  # each output metric, from a group's sums
     "conversion_rate": ratio("conversions", "clicks"),
 }
 OUTPUT_SQL = ", ".join(f"{sql} AS {name}" for name, sql in OUTPUT.items())
-SUMS = ["impressions", "clicks", "cost_sum", "conversions", "likes"]  # in `groups`
-FIELDS = {  # group_by field -> (its key in `groups`, from the fact row f; its column)
-    "date": ("f.date_id", "date_id"),
-    "week": ("date(d.date_value, 'weekday 0', '-6 days')", "week"),  # its Monday
-    "month": ("substr(d.date_value, 1, 7)", "month"),
-    **{dim: (f"f.{column}", column) for dim, (column, _, _) in DIMENSIONS.items()},
+SUMS = {m: "cost_sum" if m == "cost" else m for m in BASE_METRICS}  # names in groups
+COLUMNS = {  # each group_by field's column in groups
+    "date": "date_id",
+    "week": "week",
+    "month": "month",
+    **{dim: column for dim, (column, _, _) in DIMENSIONS.items()},
 }
-
-
-def label(field: str) -> str:
-    """SQL for a group_by field's output value, from the group g: the name of its id
-    (null if the id is missing from its table), or the week's or month's label."""
-    if field in ("week", "month"):
-        return f"g.{field}"
-    column, table, name = DIMENSIONS.get(field, ("date_id", "dim_date", "date_value"))
-    return f"(SELECT {name} FROM {table} AS n WHERE n.{column} = g.{column})"
-
-
-def order_by(query: MetricsQuery, snapshot: Snapshot) -> str:
-    """The rows' order: the requested sort, then the group_by fields to break ties.
-    Dimensions sort by id, periods in time, metrics by value with null last."""
-    sorted_fields = {item.removeprefix("-") for item in query.sort}
-    terms = []
-    for item in [*query.sort, *(f for f in query.group_by if f not in sorted_fields)]:
-        field, way = item.removeprefix("-"), " DESC" if item.startswith("-") else ""
-        if field in RATIOS:  # the output column
-            terms.append(f"{field}{way} NULLS LAST")
-        elif field in METRICS:
-            terms.append(f"{field}{way}")
-        elif field == "date" and not snapshot.dates_in_id_order:
-            terms.append(f"date{way}, g.date_id{way}")
-        else:
-            terms.append(f"g.{FIELDS[field][1]}{way}")
-    return ", ".join(terms)
+PERIODS = {  # a week's or a month's label, from dim_date
+    "week": "date(d.date_value, 'weekday 0', '-6 days')",  # the week's Monday
+    "month": "substr(d.date_value, 1, 7)",
+}
 
 
 def where_clause(
@@ -462,45 +438,101 @@ def where_clause(
     return (f" WHERE {' AND '.join(where)}" if where else ""), params
 
 
+def groups_sql(fields: list[str], where: str) -> str:
+    """SQL for the CTE `groups`: a row per group, its keys and its sums. It is added
+    up once, for the page, the totals and the count; unless each fact row is a group:
+    then the rows are read twice, in key order for the page, which stops at its end."""
+    names = ", ".join([*(COLUMNS[field] for field in fields), *SUMS.values()])
+    by = ", ".join(map(str, range(1, len(fields) + 1)))
+    period = next((field for field in fields if field in PERIODS), None)
+    if set(fields) == set(GRAIN):
+        keys = ", ".join(f"f.{COLUMNS[field]}" for field in fields)
+        metrics = ", ".join(f"f.{m}" for m in BASE_METRICS)
+        select = f"SELECT {keys}, {metrics} FROM {FACT} AS f{where}"
+        return f"groups({names}) AS NOT MATERIALIZED ({select})"
+    if period:  # add up each day first (a few rows a day), then a period's days
+        keys = ", ".join(f"f.{COLUMNS[f]}" for f in ["date", *fields] if f != period)
+        sums = ", ".join(f"sum(f.{m}) AS {s}" for m, s in SUMS.items())
+        days = f"SELECT {keys}, {sums} FROM {FACT} AS f{where} GROUP BY {by}"
+        keys = ", ".join(
+            PERIODS[f] if f == period else f"day.{COLUMNS[f]}" for f in fields
+        )
+        sums = ", ".join(f"sum(day.{s})" for s in SUMS.values())
+        source = f"({days}) AS day LEFT JOIN dim_date AS d ON d.date_id = day.date_id"
+    else:
+        keys = ", ".join(f"f.{COLUMNS[field]}" for field in fields)
+        sums = ", ".join(f"sum(f.{m})" for m in BASE_METRICS)
+        source = f"{FACT} AS f{where}"
+    return f"groups({names}) AS MATERIALIZED (SELECT {keys}, {sums} FROM {source} GROUP BY {by})"
+
+
+def order_by(query: MetricsQuery, snapshot: Snapshot) -> str:
+    """The rows' order: the requested sort, then the group_by fields to break ties.
+    Dimensions sort by id, periods in time, metrics by value with null last."""
+    sorted_fields = {item.removeprefix("-") for item in query.sort}
+    terms = []
+    for item in [*query.sort, *(f for f in query.group_by if f not in sorted_fields)]:
+        field, way = item.removeprefix("-"), " DESC" if item.startswith("-") else ""
+        if field in RATIOS:  # the output column
+            terms.append(f"{field}{way} NULLS LAST")
+        elif field in METRICS:
+            terms.append(f"{field}{way}")
+        elif field == "date" and not snapshot.dates_in_id_order:
+            day = "(SELECT date_value FROM dim_date WHERE date_id = g.date_id)"
+            terms.append(f"{day}{way}, g.date_id{way}")
+        else:
+            terms.append(f"g.{COLUMNS[field]}{way}")
+    return ", ".join(terms)
+
+
+def rows_sql(query: MetricsQuery, snapshot: Snapshot) -> str:
+    """SQL for the page of groups in order, and then the names of their ids: a
+    missing id has a null name, and the join keeps the page's order."""
+    fields = query.group_by
+    columns = ", ".join(f"g.{COLUMNS[field]}" for field in fields)
+    order = order_by(query, snapshot)
+    page = f"SELECT {columns}, {OUTPUT_SQL} FROM groups AS g ORDER BY {order} LIMIT ? OFFSET ?"
+    labels, joins = [], ""
+    for field in fields:
+        if field in PERIODS:
+            labels.append(f"p.{field} AS {field}")
+            continue
+        column, table, name = DIMENSIONS.get(
+            field, ("date_id", "dim_date", "date_value")
+        )
+        labels.append(f"{table}.{name} AS {field}")
+        joins += f" LEFT JOIN {table} ON {table}.{column} = p.{column}"
+    values = ", ".join([*labels, *(f"p.{m} AS {m}" for m in METRICS)])
+    return f"SELECT {values} FROM ({page}) AS p{joins}"
+
+
 def metrics_sql(query: MetricsQuery, filters: dict, snapshot: Snapshot) -> tuple:
-    """Return the SQL of a query's groups (a named CTE) and of its rows in order, and
-    the parameters before LIMIT and OFFSET. For `group_by=month,region&sort=-cost`
+    """Return the SQL of a query's groups (a CTE) and of its rows in order, and the
+    parameters before LIMIT and OFFSET. For `group_by=region,month&sort=-cost`
     `&region=Africa&start_date=2025-01-01&end_date=2025-03-31`:
 
-    groups(month, region_id, impressions, clicks, cost_sum, conversions, likes)
+    groups(region_id, month, impressions, clicks, cost_sum, conversions, likes)
     AS MATERIALIZED (
-        SELECT substr(d.date_value, 1, 7), f.region_id, sum(f.impressions), …
-        FROM fact_ad_metrics_daily AS f
-        LEFT JOIN dim_date AS d ON d.date_id = f.date_id
-        WHERE f.date_id IN (SELECT date_id FROM dim_date
-                            WHERE date_value BETWEEN ? AND ?)
-          AND f.region_id IN (?)
+        SELECT day.region_id, substr(d.date_value, 1, 7), sum(day.impressions), …
+        FROM (SELECT f.date_id, f.region_id, sum(f.impressions) AS impressions, …
+              FROM fact_ad_metrics_daily AS f
+              WHERE f.date_id IN (SELECT date_id FROM dim_date
+                                  WHERE date_value BETWEEN ? AND ?)
+                AND f.region_id IN (?)
+              GROUP BY 1, 2) AS day
+        LEFT JOIN dim_date AS d ON d.date_id = day.date_id
         GROUP BY 1, 2)
 
-    SELECT g.month AS month, (SELECT region_name FROM dim_region AS n
-                              WHERE n.region_id = g.region_id) AS region,
-           impressions AS impressions, …, <the five ratios>
-    FROM groups AS g ORDER BY cost DESC, g.month, g.region_id LIMIT ? OFFSET ?
+    SELECT dim_region.region_name AS region, p.month AS month,
+           p.impressions AS impressions, …, p.conversion_rate AS conversion_rate
+    FROM (SELECT g.region_id, g.month, impressions AS impressions, …,
+                 <the cost in cents, and the five ratios>
+          FROM groups AS g ORDER BY cost DESC, g.region_id, g.month
+          LIMIT ? OFFSET ?) AS p
+    LEFT JOIN dim_region ON dim_region.region_id = p.region_id
     """
-    fields = query.group_by
     where, params = where_clause(query, filters)
-    keys = ", ".join(FIELDS[field][0] for field in fields)
-    if set(fields) == set(GRAIN):  # a group is a fact row: nothing to add up
-        values = ", ".join(f"f.{m}" for m in BASE_METRICS)
-        select = f"SELECT {keys}, {values} FROM {FACT} AS f{where}"
-        kind = "NOT MATERIALIZED"  # read in key order, a page can stop early
-    else:
-        sums = ", ".join(f"sum(f.{m})" for m in BASE_METRICS)
-        if {"week", "month"} & set(fields):
-            where = f" LEFT JOIN dim_date AS d ON d.date_id = f.date_id{where}"
-        by = ", ".join(map(str, range(1, len(fields) + 1)))
-        select = f"SELECT {keys}, {sums} FROM {FACT} AS f{where} GROUP BY {by}"
-        kind = "MATERIALIZED"  # added up once, for the page, the totals and the count
-    columns = ", ".join([*(FIELDS[field][1] for field in fields), *SUMS])
-    labels = ", ".join(f"{label(field)} AS {field}" for field in fields)
-    rows = f"SELECT {labels}, {OUTPUT_SQL} FROM groups AS g"
-    rows += f" ORDER BY {order_by(query, snapshot)} LIMIT ? OFFSET ?"
-    return f"groups({columns}) AS {kind} ({select})", rows, params
+    return groups_sql(query.group_by, where), rows_sql(query, snapshot), params
 
 
 def page_sql(groups: str, rows: str, fields: list[str]) -> str:
@@ -508,7 +540,7 @@ def page_sql(groups: str, rows: str, fields: list[str]) -> str:
     SQLite, and the number of groups."""
     row = ", ".join(f"'{name}', {name}" for name in [*fields, *METRICS])
     totals = ", ".join(f"'{name}', {name}" for name in METRICS)
-    sums = ", ".join(f"coalesce(sum({name}), 0) AS {name}" for name in SUMS)
+    sums = ", ".join(f"coalesce(sum({s}), 0) AS {s}" for s in SUMS.values())
     return (
         f"WITH {groups}, page AS ({rows}), totals AS (SELECT group_count, {OUTPUT_SQL} "
         f"FROM (SELECT count(*) AS group_count, {sums} FROM groups)) "
@@ -524,8 +556,9 @@ def page_sql(groups: str, rows: str, fields: list[str]) -> str:
 class Snapshot:
     """What the file holds besides its facts, read again whenever its data changes."""
 
-    pool: Pool  # the connections to the file it was read from
-    version: str  # new whenever the file or its data changes
+    pool: Pool  # connections to the file it was read from
+    data_version: int  # the pool's PRAGMA data_version when it was read
+    version: str  # new in every process, whenever the file or its data changes
     names: dict[str, list[str]]  # dimension -> names, in id order
     ids: dict[str, dict[str, int]]  # dimension -> casefolded name -> id
     dates_in_id_order: bool  # then the fact table's key order is date order
@@ -533,9 +566,10 @@ class Snapshot:
     listing: bytes  # the body of GET /dimensions
 
 
-async def read_snapshot(db: aiosqlite.Connection, pool: Pool, version: str) -> Snapshot:
+async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
     """Read the dimension tables and the latest heartbeat; check the fact's columns."""
-    columns = ", ".join(f"f.{c}" for c in [*(FIELDS[f][1] for f in GRAIN), *SUMS[:2]])
+    db = pool.watcher
+    columns = ", ".join(f"f.{c}" for c in [*(COLUMNS[f] for f in GRAIN), *BASE_METRICS])
     await db.execute_fetchall(f"SELECT {columns} FROM {FACT} AS f LIMIT 0")
     rows = await db.execute_fetchall("SELECT date_value FROM dim_date ORDER BY date_id")
     dates = [value for (value,) in rows]
@@ -550,25 +584,29 @@ async def read_snapshot(db: aiosqlite.Connection, pool: Pool, version: str) -> S
         names[dim], ids[dim] = [str(n) for _, n in rows], {}
         for i, n in rows:  # if two names fold alike, the first id wins
             ids[dim].setdefault(str(n).casefold(), i)
+    last_run = None
     sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'job_runs'"
-    if runs := await db.execute_fetchall(sql):
+    if await db.execute_fetchall(sql):
         sql = "SELECT slot, ran_at FROM job_runs ORDER BY slot DESC LIMIT 1"
-        runs = [
-            {"slot": slot, "ran_at": at} for slot, at in await db.execute_fetchall(sql)
-        ]
+        for slot, ran_at in await db.execute_fetchall(sql):
+            last_run = {"slot": slot, "ran_at": ran_at}
     span = {"first": min(dates, default=None), "last": max(dates, default=None)}
     listing = json.dumps({"date": span, **names}).encode()
+    version = f"{os.getpid()}.{time.time_ns()}"
     in_order = dates == sorted(dates)
-    return Snapshot(pool, version, names, ids, in_order, (runs or [None])[0], listing)
+    return Snapshot(
+        pool, data_version, version, names, ids, in_order, last_run, listing
+    )
 
 
 def identify(path: str) -> tuple[int, int]:
     """The device and inode of the file at path: a replaced file has others."""
     try:
         st = os.stat(path)
+    except FileNotFoundError:
+        raise Unavailable(f"database {path} is missing") from None
     except OSError as e:
-        problem = "is missing" if e.errno == 2 else f"cannot be read: {e.strerror}"
-        raise Unavailable(f"database {path} {problem}") from None
+        raise Unavailable(f"database {path} cannot be read: {e.strerror}") from None
     return st.st_dev, st.st_ino
 
 
@@ -579,31 +617,27 @@ def primary_code(error: sqlite3.Error) -> int:
 
 class Pool:
     """Read-only connections to one file (one inode), each with its own thread, opened
-    together so that they read that file even if another replaces it at the path."""
+    together, so that they read that file even after another replaces it."""
 
-    def __init__(self, file_id: tuple[int, int], connections: list) -> None:
-        self.file_id, self.connections = file_id, connections
+    def __init__(self, file_id: tuple[int, int]) -> None:
+        self.file_id, self.watcher = file_id, None
         self.idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
-        for conn in connections[1:]:  # the first is the watcher's
-            self.idle.put_nowait(conn)
         self.waiting, self.retired = 0, False
 
     @classmethod
     async def open(cls, path: str, file_id: tuple[int, int], size: int) -> Pool | None:
-        """Open size connections, and one for the watcher, to the file with this id;
-        None if another file took its place meanwhile."""
-        uri = f"file:{quote(os.path.abspath(path))}?mode=ro"  # never writes or creates
-        connections = []
-        try:
-            for _ in range(size + 1):
-                connections.append(await aiosqlite.connect(uri, uri=True, timeout=0))
-            if identify(path) == file_id:  # so every connection reads this file
-                return cls(file_id, connections)
-        except BaseException:
-            await asyncio.gather(*(conn.close() for conn in connections))
-            raise
-        await asyncio.gather(*(conn.close() for conn in connections))
-        return None
+        """Connect to the file with this id; None if another took its place meanwhile."""
+        pool, uri = cls(file_id), f"file:{quote(os.path.abspath(path))}?mode=ro"
+        opened = False
+        try:  # mode=ro: never writes, never creates the file
+            pool.watcher = await aiosqlite.connect(uri, uri=True, timeout=0)
+            for _ in range(size):
+                pool.idle.put_nowait(await aiosqlite.connect(uri, uri=True, timeout=0))
+            opened = identify(path) == file_id  # then every connection reads this file
+        finally:
+            if not opened:
+                await pool.retire()
+        return pool if opened else None
 
     async def take(self, deadline: float) -> aiosqlite.Connection:
         self.waiting += 1  # before any await: retire() then knows of this request
@@ -615,15 +649,13 @@ class Pool:
     async def give_back(self, conn: aiosqlite.Connection) -> None:
         self.idle.put_nowait(conn)
         if self.retired:
-            await self.close_idle()
+            await self.retire()
 
     async def retire(self) -> None:
-        """Close the connections as they come back, once no request waits for one."""
-        self.retired = True
-        await self.connections[0].close()
-        await self.close_idle()
-
-    async def close_idle(self) -> None:
+        """Close the connections, each once no request waits for or holds it."""
+        self.retired, watcher, self.watcher = True, self.watcher, None
+        if watcher:  # once: aiosqlite must not close a connection twice at once
+            await watcher.close()
         while self.waiting == 0 and not self.idle.empty():
             await self.idle.get_nowait().close()
 
@@ -631,18 +663,15 @@ class Pool:
 class Database:
     """Read-only connections to the file at `path`, which may change as it is served.
 
-    A watcher looks at the file twice a second: another file at the path (another
-    inode) gets a new pool of connections, new data in it (PRAGMA data_version) a new
-    snapshot; a missing or unreadable file gives the reason for 503s. A request uses
-    the connections of the snapshot it started with, so its names, ids and rows all
-    come from one file.
+    A watcher looks at the file twice a second. Another file at the path (another
+    inode) gets a new pool of connections; new data in it (PRAGMA data_version), a new
+    snapshot of its dimensions; a missing or unreadable file, the reason for 503s. A
+    request uses its snapshot's connections: its names, ids and rows are of one file.
     """
 
-    def __init__(self, path: str, timeout: float, readers: int = 8) -> None:
-        self.path, self.timeout, self.readers = path, timeout, readers
-        self.pool: Pool | None = None
+    def __init__(self, path: str, timeout: float, size: int = 8) -> None:
+        self.path, self.timeout, self.size = path, timeout, size
         self.current: Snapshot | None = None
-        self.seen: tuple | None = None  # the file id and data_version read last
         self.problem = f"database {path} has not been read yet"
         self.watching: asyncio.Task | None = None
 
@@ -658,37 +687,55 @@ class Database:
 
     async def check(self) -> None:
         """Look at the file once: note another file, new data, or what is wrong."""
+        old, pool = self.current, None
         try:
             file_id = identify(self.path)
-            if self.pool is None or file_id != self.pool.file_id:
-                if not (pool := await Pool.open(self.path, file_id, self.readers)):
-                    return  # replaced while opening: look again next time
-                await self.retire()
-                self.pool = pool
-            conn = self.pool.connections[0]
-            [[data_version]] = await conn.execute_fetchall("PRAGMA data_version")
-            if self.current is None or (file_id, data_version) != self.seen:
-                version = f"{os.getpid()}.{time.time_ns()}"  # new in every process
-                self.current = await read_snapshot(conn, self.pool, version)
-                self.seen = (file_id, data_version)
+            if old and old.pool.file_id == file_id:
+                pool = old.pool
+            elif not (pool := await Pool.open(self.path, file_id, self.size)):
+                return  # replaced while connecting: look again next time
+            [[data_version]] = await pool.watcher.execute_fetchall(
+                "PRAGMA data_version"
+            )
+            if not old or pool is not old.pool or data_version != old.data_version:
+                self.current = await read_snapshot(pool, data_version)
         except Unavailable as e:
             self.current, self.problem = None, e.detail
-            await self.retire()  # let a removed file go
         except (sqlite3.Error, ValueError) as e:
             if isinstance(e, ValueError) or primary_code(e) != sqlite3.SQLITE_BUSY:
                 self.current = None  # (while a writer commits, look again later)
                 self.problem = f"database {self.path} cannot be read: {e}"
+        finally:  # a pool no snapshot has is closed as its last requests end
+            for unused in (old and old.pool, pool):
+                if unused and unused is not (self.current and self.current.pool):
+                    await unused.retire()
 
-    async def rows(self, snapshot: Snapshot, sql: str, params: list) -> AsyncIterator:
-        """Yield a statement's rows, a thousand at a time. The time limit bounds the
-        wait for a connection and for the first rows; closing early stops the query."""
-        deadline = time.monotonic() + self.timeout
+    @contextlib.asynccontextmanager
+    async def connection(self, snapshot: Snapshot, deadline: float):
+        """Lend one of the snapshot's connections, waiting for it until the deadline."""
         try:
             conn = await snapshot.pool.take(deadline)
         except TimeoutError:
             busy = f"every connection stayed busy for {self.timeout:g} s; retry later"
             raise Unavailable(busy) from None
         try:
+            yield conn
+        finally:
+            await snapshot.pool.give_back(conn)
+
+    async def fetch(self, snapshot: Snapshot, sql: str, params: list) -> list[tuple]:
+        """Run a statement, waiting for a connection and running within the limit."""
+        deadline = time.monotonic() + self.timeout
+        async with self.connection(snapshot, deadline) as conn:
+            return await self.run(
+                conn, lambda: conn.execute_fetchall(sql, params), deadline
+            )
+
+    async def stream(self, snapshot: Snapshot, sql: str, params: list) -> AsyncIterator:
+        """Yield a statement's rows, a thousand at a time; the limit bounds the first
+        ones only. Closed early (the client left), it stops the statement."""
+        deadline = time.monotonic() + self.timeout
+        async with self.connection(snapshot, deadline) as conn:
             cursor = await self.run(conn, lambda: conn.execute(sql, params), deadline)
             try:
                 chunk = await self.run(conn, lambda: cursor.fetchmany(1000), deadline)
@@ -698,8 +745,6 @@ class Database:
             finally:
                 await conn.interrupt()  # a no-op once the statement is done
                 await cursor.close()  # after a fetch still in its thread, if any
-        finally:
-            await snapshot.pool.give_back(conn)
 
     async def run(self, conn: aiosqlite.Connection, work: Callable, deadline: float):
         """Await work by the deadline, and again while another process has a lock."""
@@ -718,16 +763,12 @@ class Database:
                     raise Unavailable(problem) from None
             await asyncio.sleep(0.05)
 
-    async def retire(self) -> None:
-        pool, self.pool = self.pool, None
-        if pool:
-            await pool.retire()
-
     async def close(self) -> None:
         """Stop watching; close each connection once its request is done with it."""
         if self.watching:
             self.watching.cancel()
-        await self.retire()
+        if self.current:
+            await self.current.pool.retire()
 
 
 async def within(conn: aiosqlite.Connection, work: Awaitable, deadline: float):

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import aclosing, suppress
+from contextlib import suppress
 from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
 from itertools import pairwise, product
@@ -392,12 +392,12 @@ def test_a_csv_with_limit_and_offset_is_that_page(client):
 
 def test_a_csv_download_the_client_leaves_frees_its_connection(big_db):
     async def leave_three_times():
-        database = main.Database(str(big_db), timeout=5, readers=1)
+        database = main.Database(str(big_db), timeout=5, size=1)
         await database.check()
         snapshot = database.snapshot()
         groups, rows, params = main.metrics_sql(main.MetricsQuery(), {}, snapshot)
         for _ in range(3):  # the one reader comes back each time
-            chunks = database.rows(snapshot, f"WITH {groups} {rows}", [*params, -1, 0])
+            chunks = database.stream(snapshot, f"WITH {groups} {rows}", [*params, -1, 0])
             assert len(await anext(chunks)) == 1000
             await chunks.aclose()
             assert snapshot.pool.idle.qsize() == 1
@@ -430,11 +430,11 @@ def test_an_answer_s_etag_brings_a_304_without_running_a_query(client, url, monk
     assert first.status_code == 200 and first.headers["cache-control"] == "no-cache"
     assert tag.startswith('"') and tag.endswith('"')
 
-    async def no_query(*args):
+    def no_query(*args):
         raise AssertionError("a query ran")
-        yield
 
-    monkeypatch.setattr(main.Database, "rows", no_query)
+    monkeypatch.setattr(main.Database, "fetch", no_query)
+    monkeypatch.setattr(main.Database, "stream", no_query)
     for header in (tag, f"W/{tag}", f'"other", {tag}', "*"):
         again = client.get(url, headers={"If-None-Match": header})
         assert again.status_code == 304 and again.content == b""
@@ -659,8 +659,7 @@ def test_a_file_replaced_under_load_is_followed_with_no_500_and_few_503s(tmp_pat
 def test_query_connections_cannot_write(client, sql):
     async def write():
         database = client.app.state.database
-        async for _ in database.rows(database.snapshot(), sql, []):
-            pass
+        await database.fetch(database.snapshot(), sql, [])
 
     with pytest.raises(main.Unavailable, match="attempt to write a readonly database"):
         client.portal.call(write)
@@ -677,16 +676,15 @@ async def answer(database: "main.Database", query: "main.MetricsQuery") -> tuple
     snapshot = database.snapshot()
     groups, rows, params = main.metrics_sql(query, main.resolve_filters(query, snapshot), snapshot)
     sql = main.page_sql(groups, rows, query.group_by)
-    async with aclosing(database.rows(snapshot, sql, [*params, 100, 0])) as chunks:
-        [row] = await anext(chunks)
-        return row
+    [row] = await database.fetch(snapshot, sql, [*params, 100, 0])
+    return row
 
 
 def test_a_query_past_the_time_limit_is_stopped_and_the_connection_serves_the_next(big_db):
     light = main.MetricsQuery(start_date=date(2025, 1, 3), end_date=date(2025, 1, 3), region=["Oceania"])
 
     async def alternate():
-        database = main.Database(str(big_db), timeout=0.05, readers=1)
+        database = main.Database(str(big_db), timeout=0.05, size=1)
         await database.check()
         for _ in range(20):  # an interrupt meant for the heavy query never hits the light one
             with pytest.raises(main.Unavailable) as stopped:
@@ -707,7 +705,7 @@ def test_waiting_for_a_connection_counts_against_the_same_limit(big_db):
         return time.monotonic() - began
 
     async def crowd():
-        database = main.Database(str(big_db), timeout=0.5, readers=2)
+        database = main.Database(str(big_db), timeout=0.5, size=2)
         await database.check()
         took = await asyncio.gather(*(timed(database) for _ in range(8)))
         await database.close()

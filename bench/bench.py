@@ -87,7 +87,9 @@ class Connection:
         self.writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n{headers}\r\n".encode())
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
-        if b"content-length:" in head.lower():
+        if status == 304:
+            body = b""
+        elif b"content-length:" in head.lower():
             length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
             body = await self.reader.readexactly(length)
         else:  # chunked
