@@ -45,17 +45,32 @@ import seed
 
 
 def test_settings_come_from_the_environment():
-    env = {"ADS_DB": "/data/a.db", "HOST": "0.0.0.0", "PORT": "9000", "LOG_LEVEL": "debug",
-           "HEARTBEAT_INTERVAL_SECONDS": "60", "QUERY_TIMEOUT_SECONDS": "2.5", "OTHER": "x"}  # fmt: skip
+    env = {
+        "ADS_DB": "/data/a.db",
+        "HOST": "0.0.0.0",
+        "PORT": "9000",
+        "LOG_LEVEL": "debug",
+        "HEARTBEAT_INTERVAL_SECONDS": "60",
+        "QUERY_TIMEOUT_SECONDS": "2.5",
+        "OTHER": "x",
+    }
     assert main.Settings.from_env(env) == main.Settings(
-        db_path="/data/a.db", host="0.0.0.0", port=9000, log_level="DEBUG",
-        heartbeat_interval=60, query_timeout=2.5,
-    )  # fmt: skip
+        db_path="/data/a.db",
+        host="0.0.0.0",
+        port=9000,
+        log_level="DEBUG",
+        heartbeat_interval=60,
+        query_timeout=2.5,
+    )
     assert main.Settings.from_env({}) == main.Settings()
     assert main.Settings() == main.Settings(
-        db_path="ads.db", host="127.0.0.1", port=8000, log_level="INFO",
-        heartbeat_interval=21600, query_timeout=10,
-    )  # fmt: skip
+        db_path="ads.db",
+        host="127.0.0.1",
+        port=8000,
+        log_level="INFO",
+        heartbeat_interval=21600,
+        query_timeout=10,
+    )
 
 
 @pytest.mark.parametrize(
@@ -76,13 +91,21 @@ def test_a_bad_setting_stops_with_one_line_naming_it(name, value, message):
     with pytest.raises(SystemExit) as stop:
         main.Settings.from_env({name: value})
     line = str(stop.value)
-    assert line.startswith(f"{name} {value.upper() if name == 'LOG_LEVEL' else value!r}")
+    assert line.startswith(
+        f"{name} {value.upper() if name == 'LOG_LEVEL' else value!r}"
+    )
     assert message in line and "\n" not in line
 
 
 def test_uvicorn_with_a_bad_setting_stops_with_that_line(db_path):
-    result = run("-m", "uvicorn", "main:app", "--port", "0",
-                 env={"ADS_DB": str(db_path), "QUERY_TIMEOUT_SECONDS": "nan"})  # fmt: skip
+    result = run(
+        "-m",
+        "uvicorn",
+        "main:app",
+        "--port",
+        "0",
+        env={"ADS_DB": str(db_path), "QUERY_TIMEOUT_SECONDS": "nan"},
+    )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "QUERY_TIMEOUT_SECONDS 'nan': Input should be less than or equal to 3600"
@@ -163,30 +186,60 @@ def test_bad_input_is_a_422_naming_the_parameter_and_value(
 def test_an_unknown_name_is_a_whole_422_that_lists_the_valid_ones(client):
     response = client.get("/metrics?region=Atlantis")
     assert response.status_code == 422
-    assert response.json() == {"detail": [{
-        "type": "literal_error", "loc": ["query", "region"], "input": ["Atlantis"],
-        "msg": "region 'Atlantis' is not one of: Zulu, Alpha, Mike, Quebec"}]}  # fmt: skip
+    assert response.json() == {
+        "detail": [
+            {
+                "type": "literal_error",
+                "loc": ["query", "region"],
+                "input": ["Atlantis"],
+                "msg": "region 'Atlantis' is not one of: Zulu, Alpha, Mike, Quebec",
+            }
+        ]
+    }
 
 
 def test_several_bad_parameters_are_reported_together_in_one_422(client):
     response = client.get("/metrics?limit=0&offset=-1&colour=red")
     assert response.status_code == 422
-    assert response.json() == {"detail": [
-        {"type": "greater_than_equal", "loc": ["query", "limit"], "input": "0", "ctx": {"ge": 1},
-         "msg": "limit '0': Input should be greater than or equal to 1"},
-        {"type": "greater_than_equal", "loc": ["query", "offset"], "input": "-1", "ctx": {"ge": 0},
-         "msg": "offset '-1': Input should be greater than or equal to 0"},
-        {"type": "extra_forbidden", "loc": ["query", "colour"], "input": "red",
-         "msg": "colour 'red': Extra inputs are not permitted"},
-    ]}  # fmt: skip
+    assert response.json() == {
+        "detail": [
+            {
+                "type": "greater_than_equal",
+                "loc": ["query", "limit"],
+                "input": "0",
+                "ctx": {"ge": 1},
+                "msg": "limit '0': Input should be greater than or equal to 1",
+            },
+            {
+                "type": "greater_than_equal",
+                "loc": ["query", "offset"],
+                "input": "-1",
+                "ctx": {"ge": 0},
+                "msg": "offset '-1': Input should be greater than or equal to 0",
+            },
+            {
+                "type": "extra_forbidden",
+                "loc": ["query", "colour"],
+                "input": "red",
+                "msg": "colour 'red': Extra inputs are not permitted",
+            },
+        ]
+    }
 
 
 def test_a_bad_date_is_a_whole_422(client):
     response = client.get("/metrics?start_date=2025-02-30")
     assert response.status_code == 422
-    assert response.json() == {"detail": [{
-        "type": "date_parsing", "loc": ["query", "start_date"], "input": "2025-02-30",
-        "msg": "start_date '2025-02-30' is not a real date"}]}  # fmt: skip
+    assert response.json() == {
+        "detail": [
+            {
+                "type": "date_parsing",
+                "loc": ["query", "start_date"],
+                "input": "2025-02-30",
+                "msg": "start_date '2025-02-30' is not a real date",
+            }
+        ]
+    }
 
 
 # GET /metrics: every answer is the reference's ----------------------------------------
@@ -243,17 +296,25 @@ def test_metrics_match_the_reference(client, params):
 def test_other_valid_files_give_the_same_answers(tmp_path, variant):
     path = build_db(tmp_path / "ads.db", **variant)
     with TestClient(main.create_app(main.Settings(db_path=str(path)))) as client:
-        for params in [{}, {"limit": "30", "offset": "400", "sort": "-cost"},
-                       {"group_by": "week"}, {"group_by": "month,region"},
-                       {"group_by": "date", "sort": "-date"}, {"region": "Zulu"}]:  # fmt: skip
+        for params in [
+            {},
+            {"limit": "30", "offset": "400", "sort": "-cost"},
+            {"group_by": "week"},
+            {"group_by": "month,region"},
+            {"group_by": "date", "sort": "-date"},
+            {"region": "Zulu"},
+        ]:
             check_page(client.get("/metrics", params=params), params, **variant)
 
 
 @pytest.mark.parametrize(
     "params",
-    [{"limit": "97"}, {"group_by": "week,device_type", "sort": "-cost", "limit": "4"},
-     {"group_by": "date,placement", "sort": "-ctr", "limit": "9", "region": "Zulu"}],
-)  # fmt: skip
+    [
+        {"limit": "97"},
+        {"group_by": "week,device_type", "sort": "-cost", "limit": "4"},
+        {"group_by": "date,placement", "sort": "-ctr", "limit": "9", "region": "Zulu"},
+    ],
+)
 def test_following_next_walks_the_whole_result_once(client, params):
     assert walk(client, params) == reference(params)[0]
 
@@ -266,8 +327,12 @@ def test_next_keeps_the_query_string(client):
 
 
 def test_zero_denominators_give_null_ratios(client):
-    params = {"group_by": "date,region", "start_date": "2025-02-03",
-              "end_date": "2025-02-03", "region": "Mike"}  # fmt: skip
+    params = {
+        "group_by": "date,region",
+        "start_date": "2025-02-03",
+        "end_date": "2025-02-03",
+        "region": "Mike",
+    }
     [row] = client.get("/metrics", params=params).json()["data"]
     assert row["impressions"] == row["clicks"] == row["conversions"] == 0
     assert [row[m] for m in main.RATIOS] == [None] * 5
@@ -278,10 +343,20 @@ def test_no_rows_gives_zero_totals_and_null_ratios(client):
     assert response.status_code == 200
     assert response.json() == {
         "data": [],
-        "totals": {"impressions": 0, "clicks": 0, "cost": 0.0, "conversions": 0, "likes": 0,
-                   "ctr": None, "cpc": None, "cpm": None, "cpa": None, "conversion_rate": None},
+        "totals": {
+            "impressions": 0,
+            "clicks": 0,
+            "cost": 0.0,
+            "conversions": 0,
+            "likes": 0,
+            "ctr": None,
+            "cpc": None,
+            "cpm": None,
+            "cpa": None,
+            "conversion_rate": None,
+        },
         "paging": {"limit": 100, "offset": 0, "total_rows": 0, "next": None},
-    }  # fmt: skip
+    }
 
 
 def test_output_uses_the_tables_spelling(client):
@@ -293,7 +368,9 @@ def test_a_fact_row_with_an_unknown_id_is_kept_with_a_null_name(client):
     body = client.get("/metrics?group_by=region").json()
     assert [row["region"] for row in body["data"]] == ["Zulu", "Alpha", "Mike", None]
     orphans = [f for f in FACTS if f["region"] == ORPHAN]
-    assert orphans and body["data"][-1]["impressions"] == sum(f["impressions"] for f in orphans)
+    assert orphans and body["data"][-1]["impressions"] == sum(
+        f["impressions"] for f in orphans
+    )
 
 
 def test_a_fact_row_with_an_unknown_date_matches_no_date_range(client):
@@ -302,46 +379,80 @@ def test_a_fact_row_with_an_unknown_date_matches_no_date_range(client):
     every_day = {"start_date": "2000-01-01", "end_date": "2099-12-31"}
     ranged = client.get("/metrics", params=every_day).json()["totals"]
     unknown = sum(f["impressions"] for f in FACTS if f["day"] is None)
-    assert unknown and ranged["impressions"] == sum(f["impressions"] for f in FACTS) - unknown
+    assert (
+        unknown
+        and ranged["impressions"] == sum(f["impressions"] for f in FACTS) - unknown
+    )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(params=st.deferred(lambda: VALID))
 def test_any_valid_query_matches_the_reference(client, params):
     check_page(client.get("/metrics", params=params), params)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(params=st.deferred(lambda: VALID), data=st.data())
 def test_totals_never_depend_on_grouping_order_or_page(client, params, data):
     """Orphan ids of every dimension included: a filter's totals are its row in the
     unfiltered breakdown, and no group_by, sort, limit or offset changes the totals."""
+
     def totals(**more):
         return client.get("/metrics", params={**params, **more}).json()["totals"]
 
-    plain = {k: v for k, v in params.items() if k not in ("group_by", "sort", "limit", "offset")}
+    plain = {
+        k: v
+        for k, v in params.items()
+        if k not in ("group_by", "sort", "limit", "offset")
+    }
     expected = client.get("/metrics", params=plain).json()["totals"]
     assert totals() == expected
     assert totals(group_by="month", sort="-cost", limit="1", offset="2") == expected
     dim = data.draw(st.sampled_from(list(DIMS)))
-    rows = client.get("/metrics", params={**plain, dim: [], "group_by": dim, "limit": "1000"})
+    rows = client.get(
+        "/metrics", params={**plain, dim: [], "group_by": dim, "limit": "1000"}
+    )
     for row in rows.json()["data"]:
         if row[dim] is not None:  # an unknown id has no name to filter by
-            only = client.get("/metrics", params={**plain, dim: row[dim]}).json()["totals"]
+            only = client.get("/metrics", params={**plain, dim: row[dim]}).json()[
+                "totals"
+            ]
             assert only == {m: row[m] for m in main.METRICS}
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(
     method=st.sampled_from(["GET"] * 20 + ["POST", "PUT", "DELETE", "PATCH", "HEAD"]),
-    path=st.sampled_from(["/metrics"] * 20 + ["/dimensions", "/health", "/metrics/", "/nope"]),
+    path=st.sampled_from(
+        ["/metrics"] * 20 + ["/dimensions", "/health", "/metrics/", "/nope"]
+    ),
     valid=st.deferred(lambda: VALID),
     odd=st.lists(st.deferred(lambda: ODD), max_size=2),  # each as deep as it can reach
-    raw=st.sampled_from([""] * 10 + ["&", "&&=", "&%", "&%zz=1", "&a=b=c", "&=x", "&limit"]),
-)  # fmt: skip
-def test_no_request_crashes_the_service_or_breaks_its_schema(client, method, path, valid, odd, raw):
-    pairs = [(k, v) for k, vs in valid.items() for v in ([vs] if isinstance(vs, str) else vs)]
-    query = "&".join(f"{quote(k, safe='')}={quote(v, safe=',')}" for k, v in [*pairs, *odd])
+    raw=st.sampled_from(
+        [""] * 10 + ["&", "&&=", "&%", "&%zz=1", "&a=b=c", "&=x", "&limit"]
+    ),
+)
+def test_no_request_crashes_the_service_or_breaks_its_schema(
+    client, method, path, valid, odd, raw
+):
+    pairs = [
+        (k, v) for k, vs in valid.items() for v in ([vs] if isinstance(vs, str) else vs)
+    ]
+    query = "&".join(
+        f"{quote(k, safe='')}={quote(v, safe=',')}" for k, v in [*pairs, *odd]
+    )
     response = client.request(method, f"{path}?{query}{raw}")
     known = path in ("/metrics", "/dimensions", "/health")
     expected = 404 if not known else 405 if method != "GET" else response.status_code
@@ -351,42 +462,67 @@ def test_no_request_crashes_the_service_or_breaks_its_schema(client, method, pat
     body = response.json()
     if response.status_code == 422:
         for error in body["detail"]:
-            assert set(error) >= {"type", "loc", "msg", "input"} and error["loc"][0] == "query"
+            assert (
+                set(error) >= {"type", "loc", "msg", "input"}
+                and error["loc"][0] == "query"
+            )
             assert error["msg"].startswith(str(error["loc"][-1]))
     elif response.status_code in (404, 405):
         assert isinstance(body["detail"], str)
     elif path == "/metrics":  # the body SQLite wrote holds to the documented model
         page = main.MetricsPage.model_validate(body)
-        assert len(page.data) <= page.paging.limit and set(body["totals"]) == set(main.METRICS)
+        assert len(page.data) <= page.paging.limit and set(body["totals"]) == set(
+            main.METRICS
+        )
 
 
 # CSV export ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "params", [{}, {"group_by": "placement,week", "sort": "-cpm"}, {"group_by": "region", "region": "Mike,alpha"}]
-)  # fmt: skip
+    "params",
+    [
+        {},
+        {"group_by": "placement,week", "sort": "-cpm"},
+        {"group_by": "region", "region": "Mike,alpha"},
+    ],
+)
 def test_a_csv_holds_every_row_the_json_pages_hold(client, params):
     response = client.get("/metrics", params={**params, "format": "csv"})
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/csv; charset=utf-8"
-    assert response.headers["content-disposition"] == 'attachment; filename="metrics.csv"'
+    assert (
+        response.headers["content-disposition"] == 'attachment; filename="metrics.csv"'
+    )
     assert "\r\n" in response.text and response.text.endswith("\r\n")
     header, *rows = list(csv.reader(io.StringIO(response.text)))
     pages = walk(client, {**params, "limit": "1000"})
-    assert header == list(pages[0]) == (values(params, "group_by") or GRAIN) + main.METRICS
+    assert (
+        header == list(pages[0]) == (values(params, "group_by") or GRAIN) + main.METRICS
+    )
     assert len(rows) == len(pages) == len(reference(params)[0])
     for line, row in zip(rows, pages):
-        assert [from_csv(text, row[name]) for text, name in zip(line, header)] == list(row.values())
+        assert [from_csv(text, row[name]) for text, name in zip(line, header)] == list(
+            row.values()
+        )
 
 
 def test_a_csv_with_limit_and_offset_is_that_page(client):
-    params = {"group_by": "date,placement", "sort": "-clicks", "limit": "7", "offset": "5"}
-    header, *rows = list(csv.reader(io.StringIO(client.get("/metrics", params={**params, "format": "csv"}).text)))
+    params = {
+        "group_by": "date,placement",
+        "sort": "-clicks",
+        "limit": "7",
+        "offset": "5",
+    }
+    header, *rows = list(
+        csv.reader(
+            io.StringIO(client.get("/metrics", params={**params, "format": "csv"}).text)
+        )
+    )
     page = client.get("/metrics", params=params).json()["data"]
-    assert [[from_csv(t, r[n]) for t, n in zip(line, header)] for line, r in zip(rows, page)] == [
-        list(r.values()) for r in page
-    ]  # fmt: skip
+    assert [
+        [from_csv(t, r[n]) for t, n in zip(line, header)] for line, r in zip(rows, page)
+    ] == [list(r.values()) for r in page]
     assert len(rows) == 7
 
 
@@ -397,7 +533,9 @@ def test_a_csv_download_the_client_leaves_frees_its_connection(big_db):
         snapshot = database.snapshot()
         groups, rows, params = main.metrics_sql(main.MetricsQuery(), {}, snapshot)
         for _ in range(3):  # the one reader comes back each time
-            chunks = database.stream(snapshot, f"WITH {groups} {rows}", [*params, -1, 0])
+            chunks = database.stream(
+                snapshot, f"WITH {groups} {rows}", [*params, -1, 0]
+            )
             assert len(await anext(chunks)) == 1000
             await chunks.aclose()
             assert snapshot.pool.idle.qsize() == 1
@@ -412,19 +550,32 @@ def test_the_time_limit_bounds_a_csv_s_first_rows_not_the_download(big_db):
         began = time.monotonic()
         response = client.get("/metrics?format=csv")
         took = time.monotonic() - began
-        [[facts]] = sqlite3.connect(big_db).execute("SELECT count(*) FROM fact_ad_metrics_daily")
+        [[facts]] = sqlite3.connect(big_db).execute(
+            "SELECT count(*) FROM fact_ad_metrics_daily"
+        )
         assert response.status_code == 200 and response.text.count("\r\n") == facts + 1
         assert took > 0.1  # longer than the limit, and it still completed
-        heavy = "group_by=region,age_group,gender,platform,placement,device_type&sort=-ctr"
-        response = client.get(f"/metrics?format=csv&{heavy}")  # its first row comes too late
-        assert response.status_code == 503 and response.headers["content-type"] == "application/json"
+        heavy = (
+            "group_by=region,age_group,gender,platform,placement,device_type&sort=-ctr"
+        )
+        response = client.get(
+            f"/metrics?format=csv&{heavy}"
+        )  # its first row comes too late
+        assert (
+            response.status_code == 503
+            and response.headers["content-type"] == "application/json"
+        )
 
 
 # Conditional requests ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", ["/metrics?group_by=week&sort=-cost", "/dimensions", "/metrics?format=csv"])
-def test_an_answer_s_etag_brings_a_304_without_running_a_query(client, url, monkeypatch):
+@pytest.mark.parametrize(
+    "url", ["/metrics?group_by=week&sort=-cost", "/dimensions", "/metrics?format=csv"]
+)
+def test_an_answer_s_etag_brings_a_304_without_running_a_query(
+    client, url, monkeypatch
+):
     first = client.get(url)
     tag = first.headers["etag"]
     assert first.status_code == 200 and first.headers["cache-control"] == "no-cache"
@@ -445,13 +596,22 @@ def test_an_answer_s_etag_brings_a_304_without_running_a_query(client, url, monk
 
 
 def test_each_request_has_its_own_tag(client):
-    urls = ["/metrics", "/metrics?limit=5", "/metrics?limit=5&format=csv", "/metrics?group_by=week", "/dimensions"]
+    urls = [
+        "/metrics",
+        "/metrics?limit=5",
+        "/metrics?limit=5&format=csv",
+        "/metrics?group_by=week",
+        "/dimensions",
+    ]
     assert len({client.get(url).headers["etag"] for url in urls}) == len(urls)
 
 
 def test_a_write_in_place_changes_every_tag_within_a_second(served, db_path):
     client = served
-    tags = {url: client.get(url).headers["etag"] for url in ("/metrics?group_by=week", "/dimensions")}
+    tags = {
+        url: client.get(url).headers["etag"]
+        for url in ("/metrics?group_by=week", "/dimensions")
+    }
     with sqlite3.connect(db_path) as db:
         db.execute("UPDATE fact_ad_metrics_daily SET likes = likes + 1 WHERE rowid = 1")
     changed_at = time.monotonic()
@@ -475,18 +635,36 @@ def test_dimensions_lists_values_in_table_order(client):
 
 def test_health_reports_the_database_and_the_heartbeat(client):
     # The start-up run lands a moment after start-up; until then last_run is null.
-    body = wait_until(lambda: (b := client.get("/health").json())["scheduler"]["last_run"] and b)
+    body = wait_until(
+        lambda: (b := client.get("/health").json())["scheduler"]["last_run"] and b
+    )
     [(slot, ran_at, _)] = job_runs(client.app.state.settings.db_path)
-    assert body == {"status": "ok", "scheduler": {
-        "running": True, "interval_seconds": 21600, "overdue": False,
-        "next_run_at": (datetime.fromisoformat(slot) + timedelta(hours=6)).isoformat(),
-        "last_run": {"slot": slot, "ran_at": ran_at}}}  # fmt: skip
-    assert slot.endswith(("T00:00:00+00:00", "T06:00:00+00:00", "T12:00:00+00:00", "T18:00:00+00:00"))
+    assert body == {
+        "status": "ok",
+        "scheduler": {
+            "running": True,
+            "interval_seconds": 21600,
+            "overdue": False,
+            "next_run_at": (
+                datetime.fromisoformat(slot) + timedelta(hours=6)
+            ).isoformat(),
+            "last_run": {"slot": slot, "ran_at": ran_at},
+        },
+    }
+    assert slot.endswith(
+        ("T00:00:00+00:00", "T06:00:00+00:00", "T12:00:00+00:00", "T18:00:00+00:00")
+    )
 
 
 @pytest.mark.parametrize(
     "last_slot_age, seconds_into_slot, overdue",
-    [(0, 30, False), (0, 3600, False), (None, 30, False), (None, 61, True), (1, 61, True)],
+    [
+        (0, 30, False),
+        (0, 3600, False),
+        (None, 30, False),
+        (None, 61, True),
+        (1, 61, True),
+    ],
 )
 def test_health_says_overdue_when_the_latest_slot_has_no_run_after_a_minute(
     last_slot_age, seconds_into_slot, overdue, monkeypatch
@@ -494,8 +672,12 @@ def test_health_says_overdue_when_the_latest_slot_has_no_run_after_a_minute(
     heartbeat = main.Heartbeat("unused.db", 21600)
     now = 1_800_000_000 // 21600 * 21600 + seconds_into_slot
     monkeypatch.setattr(main.time, "time", lambda: now)
-    slot = datetime.fromtimestamp(now // 21600 * 21600 - 21600 * (last_slot_age or 0), UTC)
-    last_run = None if last_slot_age is None else {"slot": slot.isoformat(), "ran_at": "…"}
+    slot = datetime.fromtimestamp(
+        now // 21600 * 21600 - 21600 * (last_slot_age or 0), UTC
+    )
+    last_run = (
+        None if last_slot_age is None else {"slot": slot.isoformat(), "ran_at": "…"}
+    )
     assert heartbeat.state(last_run)["overdue"] is overdue
 
 
@@ -506,11 +688,28 @@ def test_openapi_documents_every_parameter_and_response(client):
     spec = client.get("/openapi.json").json()
     operation = spec["paths"]["/metrics"]["get"]
     params = {p["name"]: p for p in operation["parameters"]}
-    assert set(params) == {"start_date", "end_date", *DIMS, "group_by", "sort", "limit", "offset", "format"}
+    assert set(params) == {
+        "start_date",
+        "end_date",
+        *DIMS,
+        "group_by",
+        "sort",
+        "limit",
+        "offset",
+        "format",
+    }
     assert all(p["in"] == "query" and p.get("description") for p in params.values())
-    assert (params["limit"]["schema"]["minimum"], params["limit"]["schema"]["maximum"]) == (1, 1000)
+    assert (
+        params["limit"]["schema"]["minimum"],
+        params["limit"]["schema"]["maximum"],
+    ) == (1, 1000)
     assert params["offset"]["schema"]["minimum"] == 0
-    assert params["group_by"]["schema"]["items"]["enum"] == ["date", "week", "month", *DIMS]
+    assert params["group_by"]["schema"]["items"]["enum"] == [
+        "date",
+        "week",
+        "month",
+        *DIMS,
+    ]
     assert params["format"]["schema"]["enum"] == ["json", "csv"]
     assert {"200", "304", "422", "503"} <= set(operation["responses"])
     content = operation["responses"]["200"]["content"]
@@ -526,13 +725,17 @@ def test_openapi_documents_every_parameter_and_response(client):
 def test_seed_force_over_the_served_file_never_damages_it(tmp_path, journal_mode):
     path = tmp_path / "ads.db"
     seed.seed(path, days=5, density=0.05)
-    sqlite3.connect(path).execute(f"PRAGMA journal_mode = {journal_mode}").connection.close()
+    sqlite3.connect(path).execute(
+        f"PRAGMA journal_mode = {journal_mode}"
+    ).connection.close()
     settings = main.Settings(db_path=str(path), heartbeat_interval=1)
     with TestClient(main.create_app(settings)) as client:
         wait_until(lambda: len(job_runs(path)) >= 2)  # heartbeats are writing to it
         seed.seed(path, days=9, density=0.05, force=True)
         reseeded = time.monotonic()
-        wait_until(lambda: client.get("/dimensions").json()["date"]["last"] == "2025-01-09")
+        wait_until(
+            lambda: client.get("/dimensions").json()["date"]["last"] == "2025-01-09"
+        )
         assert time.monotonic() - reseeded < 2
         wait_until(lambda: len(job_runs(path)) >= 2)  # and go on writing
         assert client.get("/metrics?group_by=date").json()["paging"]["total_rows"] == 9
@@ -540,33 +743,70 @@ def test_seed_force_over_the_served_file_never_damages_it(tmp_path, journal_mode
     with TestClient(main.create_app(settings)) as client:  # a restart works
         assert client.get("/metrics?group_by=date").json()["paging"]["total_rows"] == 9
     assert integrity(path) == "ok"
-    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == journal_mode
+    assert (
+        sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+        == journal_mode
+    )
 
 
 @pytest.mark.parametrize("journal_mode", ["wal", "delete"])
-def test_a_seed_force_killed_while_copying_leaves_the_old_data_whole(tmp_path, journal_mode):
+def test_a_seed_force_killed_while_copying_leaves_the_old_data_whole(
+    tmp_path, journal_mode
+):
     target = tmp_path / "ads.db"
     seed.seed(target, days=3)
-    sqlite3.connect(target).execute(f"PRAGMA journal_mode = {journal_mode}").connection.close()
+    sqlite3.connect(target).execute(
+        f"PRAGMA journal_mode = {journal_mode}"
+    ).connection.close()
     before = dump(target)
     journal = Path(f"{target}-{'wal' if journal_mode == 'wal' else 'journal'}")
-    process = subprocess.Popen([sys.executable, "seed.py", "--db", str(target), "--days", "200",
-                                "--density", "0.45", "--force"], cwd=HERE)  # fmt: skip
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "seed.py",
+            "--db",
+            str(target),
+            "--days",
+            "200",
+            "--density",
+            "0.45",
+            "--force",
+        ],
+        cwd=HERE,
+    )
     # The copy into the target is under way once it has a journal with pages in it.
-    wait_until(lambda: journal.exists() and journal.stat().st_size > 8192, timeout=60, step=0.001)
+    wait_until(
+        lambda: journal.exists() and journal.stat().st_size > 8192,
+        timeout=60,
+        step=0.001,
+    )
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert dump(target) == before and integrity(target) == "ok"
 
 
 @pytest.mark.parametrize("previous", [False, True])
-def test_a_seed_killed_while_building_leaves_the_previous_database_or_nothing(tmp_path, previous):
+def test_a_seed_killed_while_building_leaves_the_previous_database_or_nothing(
+    tmp_path, previous
+):
     target = tmp_path / "ads.db"
     if previous:
         seed.seed(target, days=3)
         before = dump(target)
-    process = subprocess.Popen([sys.executable, "seed.py", "--db", str(target), "--days", "365",
-                                "--density", "0.45", "--force"], cwd=HERE)  # fmt: skip
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "seed.py",
+            "--db",
+            str(target),
+            "--days",
+            "365",
+            "--density",
+            "0.45",
+            "--force",
+        ],
+        cwd=HERE,
+    )
     wait_until(lambda: list(tmp_path.glob(".ads.db.*.tmp")))  # it is writing
     time.sleep(0.5)
     process.send_signal(signal.SIGKILL)
@@ -581,7 +821,9 @@ def test_a_removed_file_is_a_503_naming_it_and_is_never_recreated(tmp_path):
         wait_until(lambda: job_runs(path))
         path.unlink()
         wait_until(lambda: status_of(client) == (503, 503))
-        assert client.get("/metrics").json() == {"detail": f"database {path} is missing"}
+        assert client.get("/metrics").json() == {
+            "detail": f"database {path} is missing"
+        }
         assert client.get("/health").json()["reason"] == f"database {path} is missing"
         time.sleep(2.5)  # two heartbeat slots pass
         assert not path.exists()
@@ -596,20 +838,29 @@ def test_a_file_corrupted_in_place_is_a_503_until_it_is_mended(client, db_path):
     with db_path.open("r+b") as f:  # the same file, its content overwritten
         f.write(b"this is no longer a database" * 200)
     wait_until(lambda: status_of(client) == (503, 503))
-    assert "cannot be read: file is not a database" in client.get("/metrics").json()["detail"]
+    assert (
+        "cannot be read: file is not a database"
+        in client.get("/metrics").json()["detail"]
+    )
     db_path.write_bytes(good)
     wait_until(lambda: status_of(client) == (200, 200))
     check_page(client.get("/metrics?sort=-cost"), {"sort": "-cost"})
 
 
-def test_rows_dates_and_names_written_in_place_are_served_within_a_second(served, db_path):
+def test_rows_dates_and_names_written_in_place_are_served_within_a_second(
+    served, db_path
+):
     client = served
     with sqlite3.connect(db_path) as db:
         db.execute("INSERT INTO dim_region VALUES (11, 'Arctic')")
         db.execute("INSERT INTO dim_date VALUES (300, '2025-02-16')")
-        db.execute("INSERT INTO fact_ad_metrics_daily VALUES (300, 11, 4, 2, 9, 1, 8, 500, 5, 1.25, 1, 2)")
+        db.execute(
+            "INSERT INTO fact_ad_metrics_daily VALUES (300, 11, 4, 2, 9, 1, 8, 500, 5, 1.25, 1, 2)"
+        )
     written = time.monotonic()
-    response = wait_until(lambda: (r := client.get("/metrics?region=arctic")).status_code == 200 and r)
+    response = wait_until(
+        lambda: (r := client.get("/metrics?region=arctic")).status_code == 200 and r
+    )
     assert time.monotonic() - written < 1.0
     assert response.json()["data"][0]["date"] == "2025-02-16"
     assert response.json()["totals"]["impressions"] == 500
@@ -621,13 +872,17 @@ def test_a_file_replaced_under_load_is_followed_with_no_500_and_few_503s(tmp_pat
     copies = [build_db(tmp_path / f"copy{i}.db", unique_key=bool(i)) for i in range(2)]
     server, url = serve(path, tmp_path / "server.log")
     try:
-        statuses, errors, stop = [], [], threading.Event()
+        statuses, errors, done = [], [], threading.Event()
 
         def ask():
             with httpx.Client(base_url=url, timeout=30) as http:
-                while not stop.is_set():
+                while not done.is_set():
                     try:
-                        statuses.append(http.get("/metrics?group_by=week,region&limit=5").status_code)
+                        statuses.append(
+                            http.get(
+                                "/metrics?group_by=week,region&limit=5"
+                            ).status_code
+                        )
                     except httpx.HTTPError as e:
                         errors.append(e)
 
@@ -641,21 +896,29 @@ def test_a_file_replaced_under_load_is_followed_with_no_500_and_few_503s(tmp_pat
             shutil.copy(copies[i % 2], tmp_path / "next.db")
             os.replace(tmp_path / "next.db", path)
             time.sleep(0.3)
-        stop.set()
+        done.set()
         for thread in clients:
             thread.join()
         assert not errors and statuses
         assert 500 not in statuses and statuses.count(503) <= len(statuses) * 0.05
         time.sleep(1)
-        assert {httpx.get(f"{url}/metrics?group_by=week").status_code for _ in range(20)} == {200}
+        assert {
+            httpx.get(f"{url}/metrics?group_by=week").status_code for _ in range(20)
+        } == {200}
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=10)
+        stop(server)
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
-@pytest.mark.parametrize("sql", ["DELETE FROM dim_region", "UPDATE fact_ad_metrics_daily SET cost = 0",
-                                 "CREATE TABLE x (y)", "DROP TABLE dim_gender"])  # fmt: skip
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DELETE FROM dim_region",
+        "UPDATE fact_ad_metrics_daily SET cost = 0",
+        "CREATE TABLE x (y)",
+        "DROP TABLE dim_gender",
+    ],
+)
 def test_query_connections_cannot_write(client, sql):
     async def write():
         database = client.app.state.database
@@ -668,29 +931,41 @@ def test_query_connections_cannot_write(client, sql):
 # Time limits: one request's limit never reaches another's query -------------------------
 
 
-HEAVY = main.MetricsQuery(group_by=list(main.DIMENSIONS), sort=["-ctr"])  # every combination
+HEAVY = main.MetricsQuery(
+    group_by=list(main.DIMENSIONS), sort=["-ctr"]
+)  # every combination
 
 
 async def answer(database: "main.Database", query: "main.MetricsQuery") -> tuple:
     """The service's one row for a JSON answer: the page, the totals, the row count."""
     snapshot = database.snapshot()
-    groups, rows, params = main.metrics_sql(query, main.resolve_filters(query, snapshot), snapshot)
+    groups, rows, params = main.metrics_sql(
+        query, main.resolve_filters(query, snapshot), snapshot
+    )
     sql = main.page_sql(groups, rows, query.group_by)
     [row] = await database.fetch(snapshot, sql, [*params, 100, 0])
     return row
 
 
-def test_a_query_past_the_time_limit_is_stopped_and_the_connection_serves_the_next(big_db):
-    light = main.MetricsQuery(start_date=date(2025, 1, 3), end_date=date(2025, 1, 3), region=["Oceania"])
+def test_a_query_past_the_time_limit_is_stopped_and_the_connection_serves_the_next(
+    big_db,
+):
+    light = main.MetricsQuery(
+        start_date=date(2025, 1, 3), end_date=date(2025, 1, 3), region=["Oceania"]
+    )
 
     async def alternate():
         database = main.Database(str(big_db), timeout=0.05, size=1)
         await database.check()
-        for _ in range(20):  # an interrupt meant for the heavy query never hits the light one
+        for _ in range(
+            20
+        ):  # an interrupt meant for the heavy query never hits the light one
             with pytest.raises(main.Unavailable) as stopped:
                 await answer(database, HEAVY)
-            assert stopped.value.detail == ("the query ran longer than 0.05 s and was stopped; "
-                                            "narrow the date range, add filters or group by fewer fields")  # fmt: skip
+            assert stopped.value.detail == (
+                "the query ran longer than 0.05 s and was stopped; "
+                "narrow the date range, add filters or group by fewer fields"
+            )
             assert (await answer(database, light))[2] > 0
         await database.close()
 
@@ -714,6 +989,44 @@ def test_waiting_for_a_connection_counts_against_the_same_limit(big_db):
     assert max(asyncio.run(crowd())) <= 0.5 + 0.25
 
 
+def test_heavy_queries_wait_for_a_turn_and_light_ones_do_not(db_path):
+    settings = main.Settings(db_path=str(db_path), query_timeout=0.3)
+    with TestClient(main.create_app(settings)) as client:
+        turns = client.app.state.database.turns
+        for _ in range(os.cpu_count() or 2):  # every heavy turn taken
+            client.portal.call(turns.acquire)
+        heavy = client.get("/metrics?group_by=platform")  # reads every row
+        assert heavy.status_code == 503
+        assert heavy.json() == {
+            "detail": "every connection stayed busy for 0.3 s; retry later"
+        }
+        light = {"start_date": "2025-02-01", "end_date": "2025-02-01", "region": "Zulu"}
+        check_page(client.get("/metrics", params=light), light)
+
+        async def give_back():
+            turns.release()
+
+        client.portal.call(give_back)
+        check_page(client.get("/metrics?group_by=platform"), {"group_by": "platform"})
+
+
+def test_clients_that_leave_a_download_free_its_connection(big_db, tmp_path):
+    server, url = serve(big_db, tmp_path / "server.log", QUERY_TIMEOUT_SECONDS="2")
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(12):  # more than the 8 connections, each left mid-download
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"GET /metrics?format=csv HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert s.recv(65536)  # the download has begun
+        # Each heavy request needs a turn and a connection those downloads held.
+        statuses = [httpx.get(f"{url}/metrics?group_by=platform", timeout=10).status_code
+                    for _ in range(3)]  # fmt: skip
+        assert statuses == [200, 200, 200]
+    finally:
+        stop(server)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
 # The heartbeat -------------------------------------------------------------------------
 
 
@@ -723,12 +1036,18 @@ def test_heartbeat_slots_fall_on_the_epoch_grid_across_restarts(db_path, interva
         settings = main.Settings(db_path=str(db_path), heartbeat_interval=interval)
         with TestClient(main.create_app(settings)) as client:
             scheduler = client.app.state.heartbeat.scheduler
-            wait_until(lambda s=scheduler: s.get_job("heartbeat").next_run_time.timestamp() > time.time())
+            wait_until(
+                lambda s=scheduler: (
+                    s.get_job("heartbeat").next_run_time.timestamp() > time.time()
+                )
+            )
             next_run = scheduler.get_job("heartbeat").next_run_time.timestamp()
             assert next_run % interval == 0 and 0 < next_run - time.time() <= interval
             health = client.get("/health").json()["scheduler"]
             assert datetime.fromisoformat(health["next_run_at"]).timestamp() == next_run
-    slots = [datetime.fromisoformat(slot).timestamp() for slot, _, _ in job_runs(db_path)]
+    slots = [
+        datetime.fromisoformat(slot).timestamp() for slot, _, _ in job_runs(db_path)
+    ]
     assert slots and all(s % interval == 0 for s in slots)
     if interval == 21600:
         assert datetime.fromtimestamp(next_run, UTC).hour in (0, 6, 12, 18)
@@ -748,7 +1067,9 @@ def test_two_instances_on_one_file_record_each_slot_once(db_path, caplog):
             asyncio.run(race())
             assert len(job_runs(db_path)) == 1
             assert len(heartbeats(caplog)) == 1
-            assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # losing is normal
+            assert not [
+                r for r in caplog.records if r.levelno >= logging.WARNING
+            ]  # losing is normal
 
 
 def test_the_latest_slot_runs_at_start_if_missing_and_not_again(db_path, caplog):
@@ -761,8 +1082,12 @@ def test_the_latest_slot_runs_at_start_if_missing_and_not_again(db_path, caplog)
         assert heartbeats(caplog) == [f"heartbeat slot={slot} ran_at={ran_at}"]
         caplog.clear()
         with TestClient(main.create_app(settings)) as client:
-            wait_until(lambda: client.get("/health").json()["scheduler"]["next_run_at"]
-                       > datetime.now(UTC).isoformat())  # fmt: skip
+            wait_until(
+                lambda: (
+                    client.get("/health").json()["scheduler"]["next_run_at"]
+                    > datetime.now(UTC).isoformat()
+                )
+            )
         assert job_runs(db_path) == [(slot, ran_at, pid)]
         assert heartbeats(caplog) == []
 
@@ -782,7 +1107,9 @@ def test_a_claim_waiting_for_the_write_lock_blocks_no_request(db_path):
         assert slot_at(due, 2) not in [slot for slot, _, _ in job_runs(db_path)]
         released = time.time()
         locker.execute("COMMIT")
-        ran_at = wait_until(lambda: {s: r for s, r, _ in job_runs(db_path)}.get(slot_at(due, 2)))
+        ran_at = wait_until(
+            lambda: {s: r for s, r, _ in job_runs(db_path)}.get(slot_at(due, 2))
+        )
     assert answered > 10  # answered all along while the claim waited
     # It started on time, and was recorded once the lock was released.
     assert due <= datetime.fromisoformat(ran_at).timestamp() < released
@@ -807,49 +1134,74 @@ def test_a_claim_waits_through_busy_recovery(db_path, caplog, monkeypatch):
     assert len(heartbeats(caplog)) == 1 and "failed" not in caplog.text
 
 
-def test_a_failing_run_is_logged_with_its_traceback_and_the_next_slot_runs(db_path, caplog):
+def test_a_failing_run_is_logged_with_its_traceback_and_the_next_slot_runs(
+    db_path, caplog
+):
     settings = main.Settings(db_path=str(db_path), heartbeat_interval=1)
-    with caplog.at_level(logging.INFO, logger="ad_metrics"), TestClient(main.create_app(settings)) as client:
+    with (
+        caplog.at_level(logging.INFO, logger="ad_metrics"),
+        TestClient(main.create_app(settings)) as client,
+    ):
         wait_until(lambda: job_runs(db_path))
         db = sqlite3.connect(db_path, isolation_level=None)
-        db.execute("CREATE TRIGGER no_heartbeat BEFORE INSERT ON job_runs "
-                   "BEGIN SELECT RAISE(ABORT, 'injected failure'); END")  # fmt: skip
-        failure = wait_until(lambda: [r for r in caplog.records if r.levelno == logging.ERROR])[0]
+        db.execute(
+            "CREATE TRIGGER no_heartbeat BEFORE INSERT ON job_runs "
+            "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
+        )
+        failure = wait_until(
+            lambda: [r for r in caplog.records if r.levelno == logging.ERROR]
+        )[0]
         assert client.get("/metrics?group_by=month").status_code == 200
         assert client.get("/health").status_code == 200
         db.execute("DROP TRIGGER no_heartbeat")
         failed_at = time.time()
-        wait_until(lambda: datetime.fromisoformat(job_runs(db_path)[-1][1]).timestamp() > failed_at)
+        wait_until(
+            lambda: (
+                datetime.fromisoformat(job_runs(db_path)[-1][1]).timestamp() > failed_at
+            )
+        )
     assert failure.getMessage().endswith("failed") and failure.exc_info
     assert "injected failure" in caplog.text and "Traceback" in caplog.text
 
 
 def test_two_workers_record_each_slot_once_and_log_it_once(tmp_path):
     db = build_db(tmp_path / "ads.db")
-    server, _ = serve(db, tmp_path / "server.log", "--workers", "2", HEARTBEAT_INTERVAL_SECONDS="2")
+    server, _ = serve(
+        db, tmp_path / "server.log", "--workers", "2", HEARTBEAT_INTERVAL_SECONDS="2"
+    )
     time.sleep(8)  # about 7 s of slots, after the workers start
-    server.send_signal(signal.SIGTERM)
-    server.wait(timeout=10)
+    stop(server)
     runs = job_runs(db)
     stamps = [datetime.fromisoformat(slot).timestamp() for slot, _, _ in runs]
     assert len(stamps) >= 3
-    assert [b - a for a, b in pairwise(stamps)] == [2] * (len(stamps) - 1)  # none missing, none twice
-    logged = [line.split("slot=")[1].split()[0] for line in (tmp_path / "server.log").read_text().splitlines()
-              if "heartbeat slot=" in line and " ran_at=" in line]  # fmt: skip
+    assert [b - a for a, b in pairwise(stamps)] == [2] * (
+        len(stamps) - 1
+    )  # none missing, none twice
+    logged = [
+        line.split("slot=")[1].split()[0]
+        for line in (tmp_path / "server.log").read_text().splitlines()
+        if "heartbeat slot=" in line and " ran_at=" in line
+    ]
     assert sorted(logged) == [slot for slot, _, _ in runs]
 
 
-def test_sigterm_while_a_claim_waits_stops_cleanly_and_the_log_tells_the_truth(tmp_path):
+def test_sigterm_while_a_claim_waits_stops_cleanly_and_the_log_tells_the_truth(
+    tmp_path,
+):
     db = build_db(tmp_path / "ads.db")
     server, url = serve(db, tmp_path / "server.log", HEARTBEAT_INTERVAL_SECONDS="4")
-    wait_until(lambda: job_runs(db) if server.poll() is None else pytest.fail("server died"))
-    stop, answered = threading.Event(), []
+    wait_until(
+        lambda: job_runs(db) if server.poll() is None else pytest.fail("server died")
+    )
+    done, answered = threading.Event(), []
 
     def load():
         with httpx.Client(base_url=url) as http:
-            while not stop.is_set():
+            while not done.is_set():
                 with suppress(httpx.HTTPError):  # the server is going away
-                    answered.append(http.get("/metrics?group_by=week,region&sort=-cpm").status_code)
+                    answered.append(
+                        http.get("/metrics?group_by=week,region&sort=-cpm").status_code
+                    )
 
     clients = [threading.Thread(target=load) for _ in range(4)]
     for thread in clients:
@@ -857,9 +1209,8 @@ def test_sigterm_while_a_claim_waits_stops_cleanly_and_the_log_tells_the_truth(t
     locker = sqlite3.connect(db, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")  # the next run's claim waits for this lock...
     time.sleep((time.time() // 4 + 1) * 4 - time.time() + 0.3)  # ...and is waiting now
-    server.send_signal(signal.SIGTERM)
-    status = server.wait(timeout=10)
-    stop.set()
+    status = stop(server)
+    done.set()
     for thread in clients:
         thread.join()
     locker.execute("ROLLBACK")
@@ -867,7 +1218,9 @@ def test_sigterm_while_a_claim_waits_stops_cleanly_and_the_log_tells_the_truth(t
     assert status in (0, -signal.SIGTERM) and "Application shutdown complete" in log
     [waiting] = [line for line in log.splitlines() if "not recorded" in line]
     assert waiting.endswith("not recorded: the server is stopping")
-    assert waiting.split("slot=")[1].split()[0] not in [slot for slot, _, _ in job_runs(db)]
+    assert waiting.split("slot=")[1].split()[0] not in [
+        slot for slot, _, _ in job_runs(db)
+    ]
     for bad in ("Traceback", "ResourceWarning", "Task was destroyed", "ERROR"):
         assert bad not in log
     assert answered and set(answered) == {200}
@@ -882,9 +1235,12 @@ def test_a_run_that_wins_logs_its_row_and_only_that(tmp_path):
         server, _ = serve(db, log_path, HEARTBEAT_INTERVAL_SECONDS="1")
         wait_until(lambda p=log_path: "heartbeat slot=" in p.read_text())
         time.sleep(1 + random.random())
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=10)
-        lines = [line for line in log_path.read_text().splitlines() if "heartbeat slot=" in line]
+        stop(server)
+        lines = [
+            line
+            for line in log_path.read_text().splitlines()
+            if "heartbeat slot=" in line
+        ]
         recorded = {slot for slot, _, _ in job_runs(db)}
         for line in lines:
             slot = line.split("slot=")[1].split()[0]
@@ -909,7 +1265,11 @@ def test_uvicorn_with_an_unusable_database_stops_with_one_line(tmp_path, content
         path.write_bytes(content)
     result = run("-m", "uvicorn", "main:app", "--port", "0", env={"ADS_DB": str(path)})
     assert result.returncode == 3 and "Traceback" not in result.stderr
-    errors = [e for e in result.stderr.splitlines() if e.startswith("ERROR") and "startup failed" not in e]
+    errors = [
+        e
+        for e in result.stderr.splitlines()
+        if e.startswith("ERROR") and "startup failed" not in e
+    ]
     assert errors == [f"ERROR:    database {line.format(p=path)}"]
     assert path.exists() == (content is not None)  # never created
 
@@ -918,17 +1278,30 @@ def test_an_old_sqlite_stops_start_up_with_one_line(db_path, monkeypatch):
     monkeypatch.setattr(main.sqlite3, "sqlite_version_info", (3, 31, 1))
     monkeypatch.setattr(main.sqlite3, "sqlite_version", "3.31.1")
     app = main.create_app(main.Settings(db_path=str(db_path)))
-    with pytest.raises(main.StartupError, match=r"^SQLite 3.35 or newer is needed, not 3.31.1$"), TestClient(app):
+    with (
+        pytest.raises(
+            main.StartupError, match=r"^SQLite 3.35 or newer is needed, not 3.31.1$"
+        ),
+        TestClient(app),
+    ):
         pass
 
 
 def test_python_main_py_seeds_a_missing_database_then_serves(tmp_path):
     port = free_port()
     env = {**os.environ, "ADS_DB": str(tmp_path / "new.db"), "PORT": str(port)}
-    server = subprocess.Popen([sys.executable, "main.py"], cwd=HERE, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "main.py"],
+        cwd=HERE,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
-        health = wait_until(lambda: probe(f"http://127.0.0.1:{port}/health"), timeout=60)
+        health = wait_until(
+            lambda: probe(f"http://127.0.0.1:{port}/health"), timeout=60
+        )
         assert health.status_code == 200 and health.json()["status"] == "ok"
         dims = httpx.get(f"http://127.0.0.1:{port}/dimensions").json()
         assert dims["date"] == {"first": "2025-01-01", "last": "2025-12-31"}
@@ -948,7 +1321,10 @@ def test_seed_is_deterministic_and_realistic(tmp_path):
     b = seed.seed(tmp_path / "b.db", days=10, seed=3)
     seed.seed(tmp_path / "c.db", days=10, seed=4)
     everything = "SELECT * FROM fact_ad_metrics_daily ORDER BY 1, 2, 3, 4, 5, 6, 7"
-    rows = {n: sqlite3.connect(tmp_path / f"{n}.db").execute(everything).fetchall() for n in "abc"}
+    rows = {
+        n: sqlite3.connect(tmp_path / f"{n}.db").execute(everything).fetchall()
+        for n in "abc"
+    }
     assert a == b == len(rows["a"]) and rows["a"] == rows["b"] != rows["c"]
     db = sqlite3.connect(tmp_path / "a.db")
     wrong_places = db.execute(
@@ -960,21 +1336,34 @@ def test_seed_is_deterministic_and_realistic(tmp_path):
         "OR (placement_name = 'Right Column' AND device_type_name != 'Desktop')"
     ).fetchone()[0]
     assert wrong_places == 0
-    assert db.execute("SELECT count(*) FROM fact_ad_metrics_daily WHERE conversions > clicks "
-                      "OR likes > impressions OR cost < 0").fetchone()[0] == 0  # fmt: skip
-    assert [r[0] for r in db.execute("SELECT age_range FROM dim_age_group ORDER BY age_id")] == [
-        "18-24", "25-34", "35-44", "45-54", "55-64", "65+"]  # fmt: skip
+    assert (
+        db.execute(
+            "SELECT count(*) FROM fact_ad_metrics_daily WHERE conversions > clicks "
+            "OR likes > impressions OR cost < 0"
+        ).fetchone()[0]
+        == 0
+    )
+    assert [
+        r[0] for r in db.execute("SELECT age_range FROM dim_age_group ORDER BY age_id")
+    ] == ["18-24", "25-34", "35-44", "45-54", "55-64", "65+"]
 
 
 def test_seed_cli_defaults_size_and_refusals(tmp_path):
     result = run("seed.py", "--db", str(tmp_path / "ads.db"))
     assert result.returncode == 0, result.stderr
-    [[rows]] = sqlite3.connect(tmp_path / "ads.db").execute("SELECT count(*) FROM fact_ad_metrics_daily")
+    [[rows]] = sqlite3.connect(tmp_path / "ads.db").execute(
+        "SELECT count(*) FROM fact_ad_metrics_daily"
+    )
     assert 200_000 <= rows <= 500_000
     assert f"seeded {rows:,} rows over 365 days in" in result.stdout
     again = run("seed.py", "--db", str(tmp_path / "ads.db"))
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr
-    for bad in (["--days", "0"], ["--density", "1.5"], ["--start", "2025-13-01"], ["--seed", "x"]):
+    for bad in (
+        ["--days", "0"],
+        ["--density", "1.5"],
+        ["--start", "2025-13-01"],
+        ["--seed", "x"],
+    ):
         result = run("seed.py", "--db", str(tmp_path / "other.db"), *bad)
         assert result.returncode == 2 and result.stderr.strip(), bad
     assert not (tmp_path / "other.db").exists()
@@ -1019,7 +1408,9 @@ def make_facts() -> list[dict]:
     """The fixture's rows: ids, a day, metrics (cost in whole cents); a few rows per
     dimension carry an id that is in no table (the day's too)."""
     rng = random.Random(42)
-    ids = {dim: [i for i, name in DIMS[dim][3].items() if name != "Quebec"] for dim in DIMS}
+    ids = {
+        dim: [i for i, name in DIMS[dim][3].items() if name != "Quebec"] for dim in DIMS
+    }
     facts = []
     for day, combo in product(DAYS, product(*ids.values())):
         if rng.random() > 0.3:
@@ -1027,46 +1418,85 @@ def make_facts() -> list[dict]:
         facts.append(dict(zip(DIMS, combo), day=day, date_id=SHUFFLED_IDS[day]))
     for i, orphan in enumerate([*DIMS, "day"] * 3):  # rows with unknown ids
         row = dict(facts[i * 37])
-        row.update({orphan: ORPHAN} if orphan in DIMS else {"day": None, "date_id": ORPHAN_DATE + i % 2})
+        row.update(
+            {orphan: ORPHAN}
+            if orphan in DIMS
+            else {"day": None, "date_id": ORPHAN_DATE + i % 2}
+        )
         facts.append(row)
     for row in facts:
         imps = rng.choice([0, rng.randint(1, 40), rng.randint(100, 20000)])
         if row["day"] == "2025-02-03" and row["region"] == 7:  # a group with nothing
             imps = 0
         clicks = rng.randint(0, imps // 15) if imps else 0
-        row |= {"impressions": imps, "clicks": clicks, "likes": rng.randint(0, imps // 50),
-                "conversions": rng.randint(0, clicks // 4) if clicks else 0,
-                "cost": rng.randint(1, 2 * imps) if imps else 0}  # fmt: skip
+        row |= {
+            "impressions": imps,
+            "clicks": clicks,
+            "likes": rng.randint(0, imps // 50),
+            "conversions": rng.randint(0, clicks // 4) if clicks else 0,
+            "cost": rng.randint(1, 2 * imps) if imps else 0,
+        }
     return facts
 
 
 FACTS = make_facts()
 
 
-def build_db(path: Path, unique_key=True, dates_in_order=False, odd_columns=False) -> Path:
+def build_db(
+    path: Path, unique_key=True, dates_in_order=False, odd_columns=False
+) -> Path:
     """Write the fixture database: plain tables, as someone else's file might have."""
     db = sqlite3.connect(path)
     date_ids = IN_ORDER_IDS if dates_in_order else SHUFFLED_IDS
     # A fiscal calendar's own month and week, and columns named like the fact table's.
-    extra = ", month TEXT, week INTEGER, cost REAL, region_id INTEGER" if odd_columns else ""
-    db.execute(f"CREATE TABLE dim_date (date_id INTEGER PRIMARY KEY, date_value TEXT{extra})")
-    db.executemany("INSERT INTO dim_date (date_id, date_value) VALUES (?, ?)",
-                   [(i, d) for d, i in date_ids.items()])  # fmt: skip
+    extra = (
+        ", month TEXT, week INTEGER, cost REAL, region_id INTEGER"
+        if odd_columns
+        else ""
+    )
+    db.execute(
+        f"CREATE TABLE dim_date (date_id INTEGER PRIMARY KEY, date_value TEXT{extra})"
+    )
+    db.executemany(
+        "INSERT INTO dim_date (date_id, date_value) VALUES (?, ?)",
+        [(i, d) for d, i in date_ids.items()],
+    )
     if odd_columns:
-        db.execute("UPDATE dim_date SET month = 'P01', week = 1, cost = 1e9, region_id = 7")
+        db.execute(
+            "UPDATE dim_date SET month = 'P01', week = 1, cost = 1e9, region_id = 7"
+        )
     for table, id_col, name_col, names in DIMS.values():
-        more = ", cost REAL DEFAULT 5, impressions INTEGER DEFAULT 3, date_id INTEGER" * odd_columns
-        db.execute(f"CREATE TABLE {table} ({id_col} INTEGER PRIMARY KEY, {name_col} TEXT{more})")
-        db.executemany(f"INSERT INTO {table} ({id_col}, {name_col}) VALUES (?, ?)", names.items())
+        more = (
+            ", cost REAL DEFAULT 5, impressions INTEGER DEFAULT 3, date_id INTEGER"
+            * odd_columns
+        )
+        db.execute(
+            f"CREATE TABLE {table} ({id_col} INTEGER PRIMARY KEY, {name_col} TEXT{more})"
+        )
+        db.executemany(
+            f"INSERT INTO {table} ({id_col}, {name_col}) VALUES (?, ?)", names.items()
+        )
     ids = ", ".join(d[1] for d in DIMS.values())
     key = f", PRIMARY KEY (date_id, {ids})" if unique_key else ""
-    db.execute(f"CREATE TABLE fact_ad_metrics_daily (date_id INTEGER, {ids}, impressions INTEGER, "
-               f"clicks INTEGER, cost REAL, conversions INTEGER, likes INTEGER{key})")  # fmt: skip
+    db.execute(
+        f"CREATE TABLE fact_ad_metrics_daily (date_id INTEGER, {ids}, impressions INTEGER, "
+        f"clicks INTEGER, cost REAL, conversions INTEGER, likes INTEGER{key})"
+    )
     db.executemany(
         "INSERT INTO fact_ad_metrics_daily VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-        [(date_ids.get(f["day"], f["date_id"]), *(f[d] for d in DIMS), f["impressions"],
-          f["clicks"], f["cost"] / 100, f["conversions"], f["likes"]) for f in FACTS],
-    )  # fmt: skip
+        [
+            (
+                date_ids.get(f["day"], f["date_id"]),
+                *(f[d] for d in DIMS),
+                f["impressions"],
+                f["clicks"],
+                f["cost"] / 100,
+                f["conversions"],
+                f["likes"],
+            )
+            for f in FACTS
+        ],
+    )
     db.commit()
     db.close()
     return path
@@ -1078,7 +1508,11 @@ def values(params: dict, name: str) -> list[str]:
     known = {n.casefold() for n in DIMS[name][3].values()} if name in DIMS else set()
     out = []
     for item in [raw] if isinstance(raw, str) else raw:
-        out += [item.strip()] if item.strip().casefold() in known else [v.strip() for v in item.split(",")]
+        out += (
+            [item.strip()]
+            if item.strip().casefold() in known
+            else [v.strip() for v in item.split(",")]
+        )
     return out
 
 
@@ -1096,40 +1530,72 @@ def half_up(numerator, denominator) -> float | None:
     """Round numerator/denominator half-up to 6 decimals, exactly; None for 0/0."""
     if denominator == 0:
         return None
-    return float(Fraction(math.floor(Fraction(numerator) / denominator * 10**6 + Fraction(1, 2)), 10**6))
+    return float(
+        Fraction(
+            math.floor(Fraction(numerator) / denominator * 10**6 + Fraction(1, 2)),
+            10**6,
+        )
+    )
 
 
 def metrics(s: dict) -> dict:
     cost = Fraction(s["cost"], 100)
-    return {"impressions": s["impressions"], "clicks": s["clicks"], "cost": float(cost),
-            "conversions": s["conversions"], "likes": s["likes"],
-            "ctr": half_up(s["clicks"], s["impressions"]), "cpc": half_up(cost, s["clicks"]),
-            "cpm": half_up(1000 * cost, s["impressions"]), "cpa": half_up(cost, s["conversions"]),
-            "conversion_rate": half_up(s["conversions"], s["clicks"])}  # fmt: skip
+    return {
+        "impressions": s["impressions"],
+        "clicks": s["clicks"],
+        "cost": float(cost),
+        "conversions": s["conversions"],
+        "likes": s["likes"],
+        "ctr": half_up(s["clicks"], s["impressions"]),
+        "cpc": half_up(cost, s["clicks"]),
+        "cpm": half_up(1000 * cost, s["impressions"]),
+        "cpa": half_up(cost, s["conversions"]),
+        "conversion_rate": half_up(s["conversions"], s["clicks"]),
+    }
 
 
 def reference(params: dict, dates_in_order=False, **_) -> tuple[list[dict], dict]:
     """Answer a /metrics query as the contract says: all groups, in order, and totals."""
+
     def matches(f):
         if ("start_date" in params or "end_date" in params) and f["day"] is None:
             return False  # a day missing from dim_date is in no range
-        in_range = params.get("start_date", "0") <= (f["day"] or "0") <= params.get("end_date", "9")
-        wanted = {dim: {v.casefold() for v in values(params, dim)} for dim in DIMS if values(params, dim)}
-        return in_range and all((label(f, d) or "\0").casefold() in names for d, names in wanted.items())
+        in_range = (
+            params.get("start_date", "0")
+            <= (f["day"] or "0")
+            <= params.get("end_date", "9")
+        )
+        wanted = {
+            dim: {v.casefold() for v in values(params, dim)}
+            for dim in DIMS
+            if values(params, dim)
+        }
+        return in_range and all(
+            (label(f, d) or "\0").casefold() in names for d, names in wanted.items()
+        )
 
     rows = [f for f in FACTS if matches(f)]
     fields = values(params, "group_by") or GRAIN
     # Dimensions and dates group by id (so unknown ids stay apart), weeks and months by label.
-    key = {f: (f if f in DIMS else "date_id") for f in fields if f not in ("week", "month")}
+    key = {
+        f: (f if f in DIMS else "date_id") for f in fields if f not in ("week", "month")
+    }
     groups: dict[tuple, dict] = {}
     for f in rows:
-        group = groups.setdefault(tuple(f[key[x]] if x in key else label(f, x) for x in fields),
-                                  {"f": f, **dict.fromkeys(BASE, 0)})  # fmt: skip
+        group = groups.setdefault(
+            tuple(f[key[x]] if x in key else label(f, x) for x in fields),
+            {"f": f, **dict.fromkeys(BASE, 0)},
+        )
         for m in BASE:
             group[m] += f[m]
-    out = [{**{x: label(g["f"], x) for x in fields}, **metrics(g), "_f": g["f"]} for g in groups.values()]
+    out = [
+        {**{x: label(g["f"], x) for x in fields}, **metrics(g), "_f": g["f"]}
+        for g in groups.values()
+    ]
     sort = values(params, "sort")
-    for item in reversed(sort + [f for f in fields if f not in {s.lstrip("-") for s in sort}]):
+    for item in reversed(
+        sort + [f for f in fields if f not in {s.lstrip("-") for s in sort}]
+    ):
         field, desc = item.lstrip("-"), item.startswith("-")
         out.sort(key=lambda r: order_key(r, field, desc, dates_in_order), reverse=desc)
     for r in out:
@@ -1195,7 +1661,9 @@ ANY_TEXT = st.one_of(
                      "%FF%FE", "' OR 1=1 --", "x" * 10_000, "csv", "json"]),
     st.integers(min_value=-(2**70), max_value=2**70).map(str),
 )  # fmt: skip
-EDGES = st.sampled_from([-1, 0, 1, 1000, 1001, 2**63 - 1, 2**63, -(2**63) - 1, 2**64, 10**30]).map(str)
+EDGES = st.sampled_from(
+    [-1, 0, 1, 1000, 1001, 2**63 - 1, 2**63, -(2**63) - 1, 2**64, 10**30]
+).map(str)
 VALID = st.fixed_dictionaries(  # a well-formed query, any subset of the parameters
     {},
     optional={
@@ -1214,11 +1682,23 @@ VALID = st.fixed_dictionaries(  # a well-formed query, any subset of the paramet
         "offset": st.one_of(st.integers(0, 3000), st.just(2**63 - 1)).map(str),
     },
 )  # fmt: skip
-PARAMETERS = ["start_date", "end_date", *DIMS, "group_by", "sort", "limit", "offset", "format"]
+PARAMETERS = [
+    "start_date",
+    "end_date",
+    *DIMS,
+    "group_by",
+    "sort",
+    "limit",
+    "offset",
+    "format",
+]
 # sampled_from draws evenly, so repeats set the odds: mostly known names (so that an odd
 # value meets its own validation), mostly nothing appended.
-ODD = st.tuples(st.sampled_from([*PARAMETERS * 3, "", "Offset", "group-by", "limit "]) | st.text(max_size=8),
-                EDGES | ANY_TEXT)  # fmt: skip
+ODD = st.tuples(
+    st.sampled_from([*PARAMETERS * 3, "", "Offset", "group-by", "limit "])
+    | st.text(max_size=8),
+    EDGES | ANY_TEXT,
+)
 
 
 # Helpers ------------------------------------------------------------------------------------
@@ -1235,7 +1715,9 @@ def client(db_path):
     before = dump(db_path)
     with TestClient(main.create_app(main.Settings(db_path=str(db_path)))) as client:
         yield client
-    assert dump(db_path) == before  # no request changed a table; only job_runs was added
+    assert (
+        dump(db_path) == before
+    )  # no request changed a table; only job_runs was added
 
 
 @pytest.fixture
@@ -1268,7 +1750,9 @@ def integrity(path: Path) -> str:
 
 
 def status_of(client) -> tuple[int, int]:
-    return client.get("/metrics?group_by=platform").status_code, client.get("/health").status_code
+    return client.get("/metrics?group_by=platform").status_code, client.get(
+        "/health"
+    ).status_code
 
 
 def wait_until(condition, timeout: float = 10.0, step: float = 0.02):
@@ -1284,7 +1768,9 @@ def job_runs(path) -> list[tuple]:
     """The heartbeat's rows, in slot order; none if the table is not there yet."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return db.execute("SELECT slot, ran_at, pid FROM job_runs ORDER BY slot").fetchall()
+        return db.execute(
+            "SELECT slot, ran_at, pid FROM job_runs ORDER BY slot"
+        ).fetchall()
     except sqlite3.OperationalError:
         return []
     finally:
@@ -1292,7 +1778,11 @@ def job_runs(path) -> list[tuple]:
 
 
 def heartbeats(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("heartbeat slot=")]
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith("heartbeat slot=")
+    ]
 
 
 def slot_at(timestamp: float, interval: int) -> str:
@@ -1301,8 +1791,15 @@ def slot_at(timestamp: float, interval: int) -> str:
 
 def run(*args, env=None, timeout=60) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, *args], check=False, cwd=HERE, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args],
+        check=False,
+        cwd=HERE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def free_port() -> int:
@@ -1315,12 +1812,36 @@ def serve(db: Path, log: Path, *args: str, **env: str) -> tuple[subprocess.Popen
     """Start `uvicorn main:app` on `db` as a subprocess; return it and its base URL."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-W", "default", "-m", "uvicorn", "main:app", "--port", str(port), *args],
-        cwd=HERE, env={**os.environ, "ADS_DB": str(db), **env},
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    wait_until(lambda: probe(f"http://127.0.0.1:{port}/health") or process.poll() is not None, 30)
+        [
+            sys.executable,
+            "-W",
+            "default",
+            "-m",
+            "uvicorn",
+            "main:app",
+            "--port",
+            str(port),
+            *args,
+        ],
+        cwd=HERE,
+        env={**os.environ, "ADS_DB": str(db), **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    wait_until(
+        lambda: probe(f"http://127.0.0.1:{port}/health") or process.poll() is not None,
+        30,
+    )
     return process, f"http://127.0.0.1:{port}"
+
+
+def stop(server: subprocess.Popen) -> int:
+    """SIGTERM the server; kill it if it has not stopped in 10 s."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        return server.wait(timeout=10)
+    finally:
+        server.kill()
 
 
 def probe(url: str):
