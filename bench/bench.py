@@ -434,8 +434,11 @@ def replaced_under_load(service: Path, work: Path, seconds: float = 15) -> dict:
 
     path = work / "live.db"
     copies = [work / "copy0.db", work / "copy1.db"]
-    seed.seed(copies[0], days=60, density=0.1)
-    seed.seed(copies[1], days=61, density=0.1)
+    for copy, days in zip(copies, (60, 61)):
+        seed.seed(copy, days=days, density=0.1)
+        # Rollback-journal files: renaming a new file over a live WAL file would pair it
+        # with the old file's -wal, which SQLite documents as a way to corrupt it.
+        sqlite3.connect(copy).execute("PRAGMA journal_mode = DELETE").connection.close()
     shutil.copy(copies[0], path)
     server = Server(service, path)
     statuses, errors, stop = [], [], threading.Event()
@@ -455,8 +458,6 @@ def replaced_under_load(service: Path, work: Path, seconds: float = 15) -> dict:
     until, i = time.monotonic() + seconds, 0
     while time.monotonic() < until:
         shutil.copy(copies[i % 2], work / "next.db")
-        for suffix in ("-wal", "-shm"):  # a WAL file's journal goes with it
-            Path(f"{work / 'next.db'}{suffix}").unlink(missing_ok=True)
         os.replace(work / "next.db", path)
         i += 1
         time.sleep(0.3)
