@@ -82,9 +82,13 @@ class Connection:
 
     async def get(self, path: str, headers: str = "") -> tuple[int, bytes, float]:
         if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+            self.reader, self.writer = await asyncio.open_connection(
+                "127.0.0.1", self.port
+            )
         began = time.perf_counter()
-        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\n{headers}\r\n".encode())
+        self.writer.write(
+            f"GET {path} HTTP/1.1\r\nHost: bench\r\n{headers}\r\n".encode()
+        )
         head = await self.reader.readuntil(b"\r\n\r\n")
         status = int(head[9:12])
         if status == 304:
@@ -105,7 +109,9 @@ class Connection:
             self.reader = self.writer = None
 
 
-async def sequential(port: int, path: str, n: int, warmup: int = 3, headers: str = "") -> list[float]:
+async def sequential(
+    port: int, path: str, n: int, warmup: int = 3, headers: str = ""
+) -> list[float]:
     """Time n requests, one after the other, on one connection."""
     connection, times = Connection(port), []
     for i in range(warmup + n):
@@ -191,7 +197,11 @@ def finish(impressions, clicks, cost, conversions, likes) -> dict:
     cents = math.floor(100 * cost + 0.5)
 
     def ratio(numerator: int, denominator: int) -> float | None:  # half-up, 6 decimals
-        return (2_000_000 * numerator + denominator) // (2 * denominator) / 1e6 if denominator else None
+        return (
+            (2_000_000 * numerator + denominator) // (2 * denominator) / 1e6
+            if denominator
+            else None
+        )
 
     return {"impressions": impressions, "clicks": clicks, "cost": cents / 100.0,
             "conversions": conversions, "likes": likes, "ctr": ratio(clicks, impressions),
@@ -205,8 +215,13 @@ class Floors:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
-        self.names = {dim: dict(db.execute(f"SELECT {c}, {n} FROM {t}")) for dim, (c, t, n) in DIMENSIONS.items()}
-        self.ids = {d: {v: k for k, v in names.items()} for d, names in self.names.items()}
+        self.names = {
+            dim: dict(db.execute(f"SELECT {c}, {n} FROM {t}"))
+            for dim, (c, t, n) in DIMENSIONS.items()
+        }
+        self.ids = {
+            d: {v: k for k, v in names.items()} for d, names in self.names.items()
+        }
         self.dates = dict(db.execute("SELECT date_id, date_value FROM dim_date"))
         self.date_id = {v: k for k, v in self.dates.items()}
         self.monday = {i: (date.fromisoformat(v) - timedelta(days=date.fromisoformat(v).weekday())).isoformat()
@@ -219,7 +234,9 @@ class Floors:
             f"FROM fact_ad_metrics_daily WHERE {where} ORDER BY {KEY} LIMIT ? OFFSET ?",
             [*params, limit, offset],
         )
-        count, *sums = self.db.execute(f"SELECT count(*), {SUMS} FROM fact_ad_metrics_daily WHERE {where}", params).fetchone()
+        count, *sums = self.db.execute(
+            f"SELECT count(*), {SUMS} FROM fact_ad_metrics_daily WHERE {where}", params
+        ).fetchone()
         names = [self.names[dim] for dim in DIMENSIONS]
         data = [{"date": self.dates[row[0]], **{dim: by_id[i] for dim, by_id, i in zip(DIMENSIONS, names, row[1:7])},
                  **finish(*row[7:])} for row in page]  # fmt: skip
@@ -227,15 +244,23 @@ class Floors:
 
     def grouped(self, groups: list[tuple[dict, list]], order, limit: int) -> dict:
         """Finish, sort and cut groups given as (labels, sums)."""
-        rows = sorted(({**labels, **finish(*sums)} for labels, sums in groups), key=order)
+        rows = sorted(
+            ({**labels, **finish(*sums)} for labels, sums in groups), key=order
+        )
         totals = finish(*(sum(sums[i] for _, sums in groups) for i in range(5)))
         return {"data": rows[:limit], "totals": totals, "total_rows": len(rows)}
 
     def q1(self) -> dict:
-        return self.fact_rows("date_id BETWEEN ? AND ?", [self.date_id["2025-01-01"], self.date_id["2025-01-31"]], 100)
+        return self.fact_rows(
+            "date_id BETWEEN ? AND ?",
+            [self.date_id["2025-01-01"], self.date_id["2025-01-31"]],
+            100,
+        )
 
     def q2(self) -> dict:
-        rows = self.db.execute(f"SELECT platform_id, {SUMS} FROM fact_ad_metrics_daily GROUP BY 1")
+        rows = self.db.execute(
+            f"SELECT platform_id, {SUMS} FROM fact_ad_metrics_daily GROUP BY 1"
+        )
         groups = [({"platform": self.names["platform"][p]}, s) for p, *s in rows]
         return self.grouped(groups, lambda r: self.ids["platform"][r["platform"]], 100)
 
@@ -244,7 +269,9 @@ class Floors:
             f"SELECT date_id, {SUMS} FROM fact_ad_metrics_daily WHERE platform_id = ? AND region_id = ? GROUP BY 1",
             [self.ids["platform"]["Instagram"], self.ids["region"]["North America"]],
         )
-        return self.grouped([({"date": self.dates[d]}, s) for d, *s in rows], lambda r: r["date"], 100)
+        return self.grouped(
+            [({"date": self.dates[d]}, s) for d, *s in rows], lambda r: r["date"], 100
+        )
 
     def q4(self) -> dict:
         rows = self.db.execute(
@@ -252,22 +279,40 @@ class Floors:
             [self.date_id["2025-01-01"], self.date_id["2025-03-31"]],
         )
         region, placement, ids = self.names["region"], self.names["placement"], self.ids
-        groups = [({"region": region[r], "placement": placement[p]}, s) for r, p, *s in rows]
-        return self.grouped(groups, lambda r: (-r["cost"], ids["region"][r["region"]], ids["placement"][r["placement"]]), 10)
+        groups = [
+            ({"region": region[r], "placement": placement[p]}, s) for r, p, *s in rows
+        ]
+        return self.grouped(
+            groups,
+            lambda r: (
+                -r["cost"],
+                ids["region"][r["region"]],
+                ids["placement"][r["placement"]],
+            ),
+            10,
+        )
 
     def q5(self) -> dict:
-        rows = self.db.execute(f"SELECT date_id, device_type_id, {SUMS} FROM fact_ad_metrics_daily GROUP BY 1, 2")
+        rows = self.db.execute(
+            f"SELECT date_id, device_type_id, {SUMS} FROM fact_ad_metrics_daily GROUP BY 1, 2"
+        )
         weeks: dict[tuple, list] = {}
         for day, device, *sums in rows:
             week = weeks.setdefault((self.monday[day], device), [0, 0, 0.0, 0, 0])
             for i, value in enumerate(sums):
                 week[i] += value
         name, ids = self.names["device_type"], self.ids["device_type"]
-        groups = [({"week": w, "device_type": name[d]}, s) for (w, d), s in weeks.items()]
+        groups = [
+            ({"week": w, "device_type": name[d]}, s) for (w, d), s in weeks.items()
+        ]
         return self.grouped(groups, lambda r: (r["week"], ids[r["device_type"]]), 100)
 
     def q6(self) -> dict:
-        return self.fact_rows("date_id = ? AND region_id = ?", [self.date_id["2025-01-15"], self.ids["region"]["Latin America"]], 50)
+        return self.fact_rows(
+            "date_id = ? AND region_id = ?",
+            [self.date_id["2025-01-15"], self.ids["region"]["Latin America"]],
+            50,
+        )
 
     def q7(self) -> dict:
         return self.fact_rows("1", [], 100, 500_000)
@@ -280,7 +325,10 @@ class Floors:
         def ratio(n: str, d: str) -> str:
             return f"(2000000 * {n} + {d}) / NULLIF(2 * {d}, 0) / 1e6"
 
-        names = ", ".join(f"(SELECT {n} FROM {t} WHERE {t}.{c} = f.{c})" for c, t, n in DIMENSIONS.values())
+        names = ", ".join(
+            f"(SELECT {n} FROM {t} WHERE {t}.{c} = f.{c})"
+            for c, t, n in DIMENSIONS.values()
+        )
         sql = (f"SELECT (SELECT date_value FROM dim_date WHERE dim_date.date_id = f.date_id), {names}, "
                f"impressions, clicks, {cents} / 100.0, conversions, likes, {ratio('clicks', 'impressions')}, "
                f"{ratio(cents, '100 * clicks')}, {ratio(f'10 * {cents}', 'impressions')}, "
@@ -314,7 +362,9 @@ def build(path: Path, days: int, cached: bool) -> tuple[int, float]:
     """Seed `path` (unless cached and there); return its rows and the seconds taken."""
     if cached and path.exists():
         with sqlite3.connect(path) as db:
-            return db.execute("SELECT count(*) FROM fact_ad_metrics_daily").fetchone()[0], 0.0
+            return db.execute("SELECT count(*) FROM fact_ad_metrics_daily").fetchone()[
+                0
+            ], 0.0
     path.unlink(missing_ok=True)
     began = time.perf_counter()
     rows = seed.seed(path, days=days, density=DENSITY)
@@ -336,10 +386,16 @@ async def latencies(server: Server, db_path: Path) -> dict:
         assert [hand["data"], hand["totals"], hand["total_rows"]] == [
             answer["data"], answer["totals"], answer["paging"]["total_rows"]], name  # fmt: skip
         floor = timed(floor_fn)
-        p50, p95, f50 = statistics.median(api), percentile(api, 95), statistics.median(floor)
+        p50, p95, f50 = (
+            statistics.median(api),
+            percentile(api, 95),
+            statistics.median(floor),
+        )
         figures[name] = {"query": query, "api_p50_ms": p50 * 1e3, "api_p95_ms": p95 * 1e3,
                          "floor_p50_ms": f50 * 1e3, "ratio": p50 / f50}  # fmt: skip
-        print(f"{name} {what:47} {p50 * 1e3:7.2f}ms {p95 * 1e3:7.2f}ms {f50 * 1e3:8.2f}ms {p50 / f50:8.2f}x")
+        print(
+            f"{name} {what:47} {p50 * 1e3:7.2f}ms {p95 * 1e3:7.2f}ms {f50 * 1e3:8.2f}ms {p50 / f50:8.2f}x"
+        )
     db.close()
     return figures
 
@@ -357,18 +413,30 @@ async def throughput(server: Server) -> dict:
     q6_rate = statistics.median(n for _, n in rates)
     print(f"\nQ6 throughput, 16 clients: {q6_rate:,.0f} req/s, {statistics.median(ratios):.1%} of "
           f"/dimensions' (runs: {', '.join(f'{n:,.0f} vs {t:,.0f} req/s' for t, n in rates)})")  # fmt: skip
-    return {"q6_req_per_s": q6_rate, "q6_vs_trivial": statistics.median(ratios), "req_per_s": rates}
+    return {
+        "q6_req_per_s": q6_rate,
+        "q6_vs_trivial": statistics.median(ratios),
+        "req_per_s": rates,
+    }
 
 
 async def isolation(server: Server, idle_p95_ms: float) -> dict:
     """Q6's p95 while four clients loop on Q2, against its idle p95."""
-    heavy = asyncio.ensure_future(hammer(server.port, [f"/metrics?{QUERIES['Q2'][1]}"], 4, 14))
+    heavy = asyncio.ensure_future(
+        hammer(server.port, [f"/metrics?{QUERIES['Q2'][1]}"], 4, 14)
+    )
     await asyncio.sleep(1)
     times = await sequential(server.port, f"/metrics?{QUERIES['Q6'][1]}", 100, 0)
     await heavy
     busy = percentile(times, 95) * 1e3
-    print(f"Q6 p95 while 4 clients loop on Q2: {busy:.2f} ms, {busy / idle_p95_ms:.1f}x its idle p95 of {idle_p95_ms:.2f} ms")
-    return {"idle_p95_ms": idle_p95_ms, "beside_q2_p95_ms": busy, "ratio": busy / idle_p95_ms}
+    print(
+        f"Q6 p95 while 4 clients loop on Q2: {busy:.2f} ms, {busy / idle_p95_ms:.1f}x its idle p95 of {idle_p95_ms:.2f} ms"
+    )
+    return {
+        "idle_p95_ms": idle_p95_ms,
+        "beside_q2_p95_ms": busy,
+        "ratio": busy / idle_p95_ms,
+    }
 
 
 async def export(server: Server, db_path: Path) -> dict | None:
@@ -387,7 +455,9 @@ async def export(server: Server, db_path: Path) -> dict | None:
     for _ in range(3):
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         began = time.perf_counter()
-        writer.write(b"GET /metrics?format=csv HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        writer.write(
+            b"GET /metrics?format=csv HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n"
+        )
         body = await reader.read(1)
         firsts.append(time.perf_counter() - began)
         body += await reader.read()
@@ -421,11 +491,17 @@ async def revalidation(server: Server) -> dict | None:
         return None
     tag = head.split("etag:")[1].split("\r\n")[0].strip()
     full = statistics.median(await sequential(server.port, path, 10))
-    not_modified = statistics.median(await sequential(server.port, path, 200, headers=f"If-None-Match: {tag}\r\n"))
+    not_modified = statistics.median(
+        await sequential(server.port, path, 200, headers=f"If-None-Match: {tag}\r\n")
+    )
     trivial = statistics.median(await sequential(server.port, "/dimensions", 200))
     print(f"304 for Q5: {not_modified * 1e3:.2f} ms p50, against {full * 1e3:.1f} ms for the full answer "
           f"and {trivial * 1e3:.2f} ms for /dimensions")  # fmt: skip
-    return {"full_ms": full * 1e3, "not_modified_ms": not_modified * 1e3, "trivial_ms": trivial * 1e3}
+    return {
+        "full_ms": full * 1e3,
+        "not_modified_ms": not_modified * 1e3,
+        "trivial_ms": trivial * 1e3,
+    }
 
 
 def replaced_under_load(service: Path, work: Path, seconds: float = 15) -> dict:
@@ -477,7 +553,9 @@ def replaced_under_load(service: Path, work: Path, seconds: float = 15) -> dict:
 
 async def soak(server: Server, seconds: float) -> dict:
     """32 clients on a mix of the queries, bad requests and the other endpoints."""
-    paths = [f"/metrics?{q}" for _, q in QUERIES.values()] + [f"/metrics?{q}" for q in BAD]
+    paths = [f"/metrics?{q}" for _, q in QUERIES.values()] + [
+        f"/metrics?{q}" for q in BAD
+    ]
     paths += ["/dimensions", "/health"] + [f"/metrics?{QUERIES['Q6'][1]}"] * 4
     await hammer(server.port, paths, 32, 5)
     rss_warm = server.memory()
@@ -502,12 +580,21 @@ async def scaling(service: Path, small: Path, large: Path) -> dict:
         server = Server(service, db)
         try:
             for name, by in figures.items():
-                by[label + "_p50_ms"] = statistics.median(await sequential(server.port, f"/metrics?{QUERIES[name][1]}", 30)) * 1e3
+                by[label + "_p50_ms"] = (
+                    statistics.median(
+                        await sequential(
+                            server.port, f"/metrics?{QUERIES[name][1]}", 30
+                        )
+                    )
+                    * 1e3
+                )
         finally:
             server.stop()
     for name, by in figures.items():
         by["ratio"] = by["large_p50_ms"] / by["small_p50_ms"]
-        print(f"{name} p50: {by['small_p50_ms']:.2f} ms at 100k rows, {by['large_p50_ms']:.2f} ms at 5M rows: {by['ratio']:.2f}x")
+        print(
+            f"{name} p50: {by['small_p50_ms']:.2f} ms at 100k rows, {by['large_p50_ms']:.2f} ms at 5M rows: {by['ratio']:.2f}x"
+        )
     return figures
 
 
@@ -517,14 +604,21 @@ async def run(args: argparse.Namespace) -> dict:
     work = Path(tempfile.mkdtemp(prefix="ad-metrics-bench-"))
     rows, seconds = build(work / "1m.db", 365, cached=False)
     figures = {"service": str(service), "seed": {"rows": rows, "seconds": seconds}}
-    print(f"service: {service}\nseed.py: {rows:,} rows in {seconds:.2f} s ({rows / seconds:,.0f} rows/s)")
+    print(
+        f"service: {service}\nseed.py: {rows:,} rows in {seconds:.2f} s ({rows / seconds:,.0f} rows/s)"
+    )
     small, large = cache / f"days35-{DENSITY}.db", cache / f"days1826-{DENSITY}.db"
-    figures["scaling_rows"] = [build(small, 35, cached=True)[0], build(large, 1826, cached=True)[0]]
+    figures["scaling_rows"] = [
+        build(small, 35, cached=True)[0],
+        build(large, 1826, cached=True)[0],
+    ]
     server = Server(service, work / "1m.db")
     try:
         figures["queries"] = await latencies(server, work / "1m.db")
         figures["throughput"] = await throughput(server)
-        figures["isolation"] = await isolation(server, figures["queries"]["Q6"]["api_p95_ms"])
+        figures["isolation"] = await isolation(
+            server, figures["queries"]["Q6"]["api_p95_ms"]
+        )
         figures["revalidation"] = await revalidation(server)
         figures["export"] = await export(server, work / "1m.db")
         figures["soak"] = await soak(server, args.soak)
@@ -540,7 +634,11 @@ async def run(args: argparse.Namespace) -> dict:
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--service", default=ROOT, help="the directory of the main.py to run (default: this repository)")
+    parser.add_argument(
+        "--service",
+        default=ROOT,
+        help="the directory of the main.py to run (default: this repository)",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--cache", default=Path(tempfile.gettempdir()) / "ad-metrics-bench",
                         help="where the 100k and 5M databases are kept (default: %(default)s)")  # fmt: skip
