@@ -22,7 +22,7 @@ import sqlite3
 import sys
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Annotated, Literal
@@ -83,14 +83,15 @@ DIMENSIONS = {  # API name -> (id column, dimension table, name column)
     "placement": ("placement_id", "dim_placement", "placement_name"),
     "device_type": ("device_type_id", "dim_device_type", "device_type_name"),
 }
-GROUP_FIELDS = ["date", "week", "month", *DIMENSIONS]
+PERIODS = ["date", "week", "month"]
+GROUP_FIELDS = [*PERIODS, *DIMENSIONS]
 GRAIN = ["date", *DIMENSIONS]  # the default breakdown: one row per fact row
 BASE_METRICS = ["impressions", "clicks", "cost", "conversions", "likes"]
 RATIOS = ["ctr", "cpc", "cpm", "cpa", "conversion_rate"]
 METRICS = BASE_METRICS + RATIOS
 
 
-def filter_field(dim: str) -> list[str]:
+def filter_field(dim: str):
     return Field(
         default_factory=list,
         description=f"Keep only these {dim} values (see /dimensions), any case: repeat "
@@ -151,9 +152,9 @@ class MetricsQuery(BaseModel):
     def check_group_by(cls, values: list[str]) -> list[str]:
         """Known fields, each once, and at most one of date, week and month."""
         fields = [item.strip() for value in values for item in value.split(",")]
-        if error := first_error("group_by", fields, GROUP_FIELDS):
+        if error := first_error("group_by", fields, GROUP_FIELDS, key=str):
             raise error
-        if len(periods := [f for f in fields if f in GROUP_FIELDS[:3]]) > 1:
+        if len(periods := [field for field in fields if field in PERIODS]) > 1:
             message = f"group_by takes one of date, week and month, not {periods}"
             raise PydanticCustomError("value_error", message)
         return fields
@@ -184,8 +185,8 @@ class Metrics(BaseModel):
 
 
 class Row(Metrics):
-    """A group: its group_by fields, in group_by order, then its metrics. A name is
-    null when its id is missing from the dimension's table."""
+    """A group. In the answer, its group_by fields come first, in group_by order; a
+    name is null when its id is missing from the dimension's table."""
 
     date: str | None = Field(None, description="YYYY-MM-DD")
     week: str | None = Field(None, description="The week's Monday, YYYY-MM-DD")
@@ -226,8 +227,7 @@ DatabaseDep = Annotated["Database", Depends(get_database)]
 HeartbeatDep = Annotated["Heartbeat", Depends(get_heartbeat)]
 NOT_MODIFIED = {304: {"description": "If-None-Match holds the current ETag."}}
 UNAVAILABLE = {503: {"description": "The database cannot answer; detail says why."}}
-CSV = {200: {"content": {"text/csv": {}}, "description": "A page, or CSV rows."}}
-RESPONSES = CSV | NOT_MODIFIED | UNAVAILABLE
+CSV_ANSWER = {200: {"content": {"text/csv": {}}, "description": "JSON, or CSV rows."}}
 
 
 async def get_metrics(
@@ -239,14 +239,14 @@ async def get_metrics(
     `&group_by=week,device_type&sort=-cost&limit=10`
     """
     snapshot = database.snapshot()
-    headers = cache_headers(request, snapshot.version)  # or a 304, with no query run
     filters = resolve_filters(query, snapshot)
+    headers = cache_headers(request, snapshot.version)  # or a 304, with no query run
     groups, rows, page, params = metrics_sql(query, filters, snapshot)
     heavy = share_read(query, filters, snapshot) > HEAVY_SHARE
     if query.format == "csv":
         limit = query.limit if "limit" in query.model_fields_set else -1  # -1: all
-        params += [limit, query.offset]
-        chunks = database.stream(snapshot, f"WITH {groups} {rows}", params, heavy)
+        sql, params = f"WITH {groups} {rows}", [*params, limit, query.offset]
+        chunks = database.export(snapshot, sql, params, heavy)
         first = await anext(chunks)  # the first rows, within the time limit
         headers["Content-Disposition"] = 'attachment; filename="metrics.csv"'
         body = csv_text([*query.group_by, *METRICS], first, chunks)
@@ -255,8 +255,6 @@ async def get_metrics(
     [(data, totals, total_rows)] = await database.fetch(snapshot, page, params, heavy)
     paging = {"limit": query.limit, "offset": query.offset, "total_rows": total_rows}
     paging["next"] = next_page(request, query, total_rows)
-    # SQLite writes the page and the totals as JSON (the tests hold them to MetricsPage):
-    # one value back instead of a row per step measured 1.45x the requests a second.
     paging = json.dumps(paging, separators=(",", ":"))  # as compact as SQLite's
     body = f'{{"data":{data},"totals":{totals},"paging":{paging}}}'
     return Response(body, media_type="application/json", headers=headers)
@@ -321,20 +319,23 @@ def next_page(request: Request, query: MetricsQuery, total_rows: int) -> str | N
     return f"{request.url.path}?{'&'.join([*kept, f'offset={offset}'])}"
 
 
-async def csv_text(header: list, rows: list, more: AsyncIterator) -> AsyncIterator[str]:
+async def csv_text(
+    header: list, first_rows: list, rest: AsyncIterator
+) -> AsyncIterator:
     """Write the header and the rows as CSV (RFC 4180; None as ""), chunk by chunk."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\r\n")
     writer.writerow(header)
+    rows = first_rows
     try:
         while rows is not None:
             writer.writerows(rows)
             yield out.getvalue()
             out.seek(0)
             out.truncate()
-            rows = await anext(more, None)
-    finally:
-        await more.aclose()  # stops the query if the client went away
+            rows = await anext(rest, None)
+    finally:  # also when the client left (or, if the response never started, on GC)
+        await rest.aclose()
 
 
 # Filter values and their errors -------------------------------------------------------
@@ -366,16 +367,16 @@ def resolve_filters(query: MetricsQuery, snapshot: Snapshot) -> dict[str, list[i
     split on commas, but a value that is itself a known name is taken whole."""
     filters, errors = {}, []
     for dim in DIMENSIONS:
-        values, ids, names = getattr(query, dim), snapshot.ids[dim], []
-        if not values:
+        if not (values := getattr(query, dim)):
             continue
+        ids, names = snapshot.ids[dim], []
         for value in values:
             names += [value] if value.strip().casefold() in ids else value.split(",")
         names = [name.strip() for name in names]
         if error := first_error(dim, names, snapshot.names[dim]):
             loc, msg = ("query", dim), error.message()
             errors.append({"type": error.type, "loc": loc, "msg": msg, "input": values})
-        elif names:
+        else:
             filters[dim] = [ids[name.casefold()] for name in names]
     if errors:
         raise RequestValidationError(errors)
@@ -386,26 +387,26 @@ def resolve_filters(query: MetricsQuery, snapshot: Snapshot) -> dict[str, list[i
 # Identifiers come only from the names above; every value is a parameter.
 
 
-def ratio(numerator: str, denominator: str) -> str:
-    """SQL for numerator / denominator rounded half-up to 6 decimals, exactly: in
-    integers, (2,000,000 n + d) / 2d millionths; null when d is 0."""
-    return (
-        f"(2000000 * {numerator} + {denominator}) / NULLIF(2 * {denominator}, 0) / 1e6"
-    )
+def ratio(n: str, d: str) -> str:
+    """SQL for n / d rounded half-up to 6 decimals, exactly, from integers: the
+    millionths are (2,000,000 n + d) div 2d; null when d is 0."""
+    return f"(2000000 * {n} + {d}) / NULLIF(2 * {d}, 0) / 1e6"
 
 
-CENTS = "CAST(round(100 * cost_sum) AS INTEGER)"  # cost is money: reported in cents
+# Counts as integers (a user's file may hold 5.0), and the cost in whole cents.
+N = {m: f"CAST({m} AS INTEGER)" for m in BASE_METRICS if m != "cost"}
+CENTS = "CAST(round(100 * cost_sum) AS INTEGER)"
 OUTPUT = {  # each output metric, from a group's sums
-    "impressions": "impressions",
-    "clicks": "clicks",
+    "impressions": N["impressions"],
+    "clicks": N["clicks"],
     "cost": f"{CENTS} / 100.0",
-    "conversions": "conversions",
-    "likes": "likes",
-    "ctr": ratio("clicks", "impressions"),
-    "cpc": ratio(CENTS, "100 * clicks"),
-    "cpm": ratio(f"10 * {CENTS}", "impressions"),
-    "cpa": ratio(CENTS, "100 * conversions"),
-    "conversion_rate": ratio("conversions", "clicks"),
+    "conversions": N["conversions"],
+    "likes": N["likes"],
+    "ctr": ratio(N["clicks"], N["impressions"]),
+    "cpc": ratio(CENTS, f"100 * {N['clicks']}"),
+    "cpm": ratio(f"10 * {CENTS}", N["impressions"]),
+    "cpa": ratio(CENTS, f"100 * {N['conversions']}"),
+    "conversion_rate": ratio(N["conversions"], N["clicks"]),
 }
 OUTPUT_SQL = ", ".join(f"{sql} AS {name}" for name, sql in OUTPUT.items())
 SUMS = {m: "cost_sum" if m == "cost" else m for m in BASE_METRICS}  # names in groups
@@ -415,15 +416,14 @@ COLUMNS = {  # each group_by field's column in groups
     "month": "month",
     **{dim: column for dim, (column, _, _) in DIMENSIONS.items()},
 }
-PERIODS = {  # a week's or a month's label, from dim_date
-    "week": "date(d.date_value, 'weekday 0', '-6 days')",  # the week's Monday
-    "month": "substr(d.date_value, 1, 7)",
+DAY = "(SELECT date_value FROM dim_date WHERE date_id = day.date_id)"
+LABELS = {  # a period's label from its day, as a plain date
+    "week": f"date({DAY}, 'weekday 0', '-6 days')",  # the week's Monday
+    "month": f"substr({DAY}, 1, 7)",
 }
-
-
-# A query that reads more than this share of the fact rows waits for one of the heavy
-# turns, one per core: so light queries always find a connection free (their p99 in
-# the soak, 32 clients: 5.1 s without the turns, ... ms with them).
+# A query that reads more than this share of the fact rows waits for one of the
+# heavy turns, one per core: light queries then always find a connection (their p99
+# in the bench's soak, 32 clients: 5.1 s without the turns, 182 ms with them).
 HEAVY_SHARE = 0.1
 
 
@@ -437,48 +437,89 @@ def share_read(query: MetricsQuery, filters: dict, snapshot: Snapshot) -> float:
     return share
 
 
-def where_clause(
-    query: MetricsQuery, filters: dict[str, list[int]]
-) -> tuple[str, list]:
-    """Conditions on the fact rows f, a placeholder per value: then SQLite seeks on
-    each of the key's columns, not just the first."""
+def metrics_sql(query: MetricsQuery, filters: dict, snapshot: Snapshot) -> tuple:
+    """Return the SQL of a query's groups (a CTE), of its rows in order, and of its
+    JSON answer, with the parameters that come before LIMIT and OFFSET."""
     where, params = [], []
     if query.start_date or query.end_date:  # a date not in dim_date is in no range
-        dates = "SELECT date_id FROM dim_date WHERE date_value BETWEEN ? AND ?"
-        where.append(f"f.date_id IN ({dates})")
+        where.append(
+            "f.date_id IN (SELECT date_id FROM dim_date WHERE date_value BETWEEN ? AND ?)"
+        )
         params += [str(query.start_date or date.min), str(query.end_date or date.max)]
-    for dim, ids in filters.items():
+    for dim, ids in filters.items():  # a placeholder per value: SQLite seeks on each
         where.append(f"f.{DIMENSIONS[dim][0]} IN ({', '.join('?' * len(ids))})")
         params += ids
-    return (f" WHERE {' AND '.join(where)}" if where else ""), params
+    where_sql = f" WHERE {' AND '.join(where)}" if where else ""
+    fields = tuple(query.group_by)
+    return *statements(
+        fields, tuple(query.sort), where_sql, snapshot.dates_in_id_order
+    ), params
 
 
-def groups_sql(fields: list[str], where: str) -> str:
-    """SQL for the CTE `groups`: a row per group, its keys and its sums. It is added
-    up once, for the page, the totals and the count; unless each fact row is a group:
-    then the rows are read twice, in key order for the page, which stops at its end."""
+@functools.lru_cache(maxsize=1024)  # a shape's SQL, built once: it took 80 µs
+def statements(fields: tuple, sort: tuple, where: str, dates_in_id_order: bool):
+    """The SQL for a query of this shape. For `group_by=month,region&sort=-cost`
+    `&region=Africa&start_date=2025-01-01&end_date=2025-03-31`:
+
+    groups  the matching facts added up per group, once (MATERIALIZED); weeks and
+            months from the days' sums, a few rows a day:
+        groups(month, region_id, impressions, clicks, cost_sum, …) AS MATERIALIZED (
+          SELECT substr(<the day's date_value>, 1, 7), day.region_id, sum(…), …
+          FROM (SELECT f.date_id, f.region_id, sum(f.impressions) AS impressions, …
+                FROM fact_ad_metrics_daily AS f
+                WHERE f.date_id IN (SELECT date_id FROM dim_date
+                                    WHERE date_value BETWEEN ? AND ?)
+                  AND f.region_id IN (?)
+                GROUP BY 1, 2) AS day
+          GROUP BY 1, 2)
+    rows    a page of groups in order, then their names (null for a missing id):
+        SELECT p.month AS month,
+               (SELECT region_name FROM dim_region WHERE region_id = p.region_id) …
+        FROM (SELECT g.month, g.region_id, <the ten metrics> FROM groups AS g
+              ORDER BY cost DESC, g.month, g.region_id LIMIT ? OFFSET ?) AS p
+    page    one statement: the page and the totals as JSON, and the group count.
+    """
+    groups = groups_sql(fields, where)
+    columns = ", ".join(f"g.{COLUMNS[field]}" for field in fields)
+    order = order_by(fields, sort, dates_in_id_order)
+    page = f"SELECT {columns}, {OUTPUT_SQL} FROM groups AS g ORDER BY {order} LIMIT ? OFFSET ?"
+    labels = [label(field) for field in fields]
+    values = ", ".join([*labels, *(f"p.{m} AS {m}" for m in METRICS)])
+    rows = f"SELECT {values} FROM ({page}) AS p"
+    row = ", ".join(f"'{name}', {name}" for name in [*fields, *METRICS])
+    totals = ", ".join(f"'{name}', {name}" for name in METRICS)
+    sums = ", ".join(f"coalesce(sum({s}), 0) AS {s}" for s in SUMS.values())
+    answer = (
+        f"WITH {groups}, page AS ({rows}), totals AS (SELECT group_count, {OUTPUT_SQL} "
+        f"FROM (SELECT count(*) AS group_count, {sums} FROM groups)) "
+        f"SELECT (SELECT json_group_array(json_object({row})) FROM page), "
+        f"json_object({totals}), group_count FROM totals"
+    )
+    return groups, rows, answer
+
+
+def groups_sql(fields: tuple, where: str) -> str:
+    """The CTE `groups`: a row per group, its keys and its sums."""
     names = ", ".join([*(COLUMNS[field] for field in fields), *SUMS.values()])
     by = ", ".join(map(str, range(1, len(fields) + 1)))
-    period = next((field for field in fields if field in PERIODS), None)
-    if set(fields) == set(GRAIN):
+    if set(fields) == set(GRAIN):  # each fact row is a group: nothing to add up
         keys = ", ".join(f"f.{COLUMNS[field]}" for field in fields)
         metrics = ", ".join(f"f.{m}" for m in BASE_METRICS)
         select = f"SELECT {keys}, {metrics} FROM {FACT} AS f{where}"
+        # Not materialized: read in key order, the page stops at its last row.
         return f"groups({names}) AS NOT MATERIALIZED ({select})"
-    if period:  # add up each day first (a few rows a day), then a period's days
-        keys = ", ".join(f"f.{COLUMNS[f]}" for f in ["date", *fields] if f != period)
-        sums = ", ".join(f"sum(f.{m}) AS {s}" for m, s in SUMS.items())
-        days = f"SELECT {keys}, {sums} FROM {FACT} AS f{where} GROUP BY {by}"
+    period = next((field for field in fields if field in LABELS), None)
+    day_fields = ["date", *fields] if period else fields
+    keys = ", ".join(f"f.{COLUMNS[f]}" for f in day_fields if f != period)
+    sums = ", ".join(f"sum(f.{m}) AS {s}" for m, s in SUMS.items())
+    select = f"SELECT {keys}, {sums} FROM {FACT} AS f{where} GROUP BY {by}"
+    if period:  # then add up the days of each week or month
         keys = ", ".join(
-            PERIODS[f] if f == period else f"day.{COLUMNS[f]}" for f in fields
+            LABELS[f] if f == period else f"day.{COLUMNS[f]}" for f in fields
         )
         sums = ", ".join(f"sum(day.{s})" for s in SUMS.values())
-        source = f"({days}) AS day LEFT JOIN dim_date AS d ON d.date_id = day.date_id"
-    else:
-        keys = ", ".join(f"f.{COLUMNS[field]}" for field in fields)
-        sums = ", ".join(f"sum(f.{m})" for m in BASE_METRICS)
-        source = f"{FACT} AS f{where}"
-    return f"groups({names}) AS MATERIALIZED (SELECT {keys}, {sums} FROM {source} GROUP BY {by})"
+        select = f"SELECT {keys}, {sums} FROM ({select}) AS day GROUP BY {by}"
+    return f"groups({names}) AS MATERIALIZED ({select})"
 
 
 def order_by(fields: tuple, sort: tuple, dates_in_id_order: bool) -> str:
@@ -500,80 +541,12 @@ def order_by(fields: tuple, sort: tuple, dates_in_id_order: bool) -> str:
     return ", ".join(terms)
 
 
-def rows_sql(fields: tuple, sort: tuple, dates_in_id_order: bool) -> str:
-    """SQL for the page of groups in order, and then the names of their ids: a
-    missing id has a null name, and the join keeps the page's order."""
-    columns = ", ".join(f"g.{COLUMNS[field]}" for field in fields)
-    order = order_by(fields, sort, dates_in_id_order)
-    page = f"SELECT {columns}, {OUTPUT_SQL} FROM groups AS g ORDER BY {order} LIMIT ? OFFSET ?"
-    labels, joins = [], ""
-    for field in fields:
-        if field in PERIODS:
-            labels.append(f"p.{field} AS {field}")
-            continue
-        column, table, name = DIMENSIONS.get(
-            field, ("date_id", "dim_date", "date_value")
-        )
-        labels.append(f"{table}.{name} AS {field}")
-        joins += f" LEFT JOIN {table} ON {table}.{column} = p.{column}"
-    values = ", ".join([*labels, *(f"p.{m} AS {m}" for m in METRICS)])
-    return f"SELECT {values} FROM ({page}) AS p{joins}"
-
-
-def metrics_sql(query: MetricsQuery, filters: dict, snapshot: Snapshot) -> tuple:
-    """Return the SQL of a query's groups (a CTE), of its rows in order and of its
-    JSON answer, and the parameters before LIMIT and OFFSET. For `group_by=region,month&sort=-cost`
-    `&region=Africa&start_date=2025-01-01&end_date=2025-03-31`:
-
-    groups(region_id, month, impressions, clicks, cost_sum, conversions, likes)
-    AS MATERIALIZED (
-        SELECT day.region_id, substr(d.date_value, 1, 7), sum(day.impressions), …
-        FROM (SELECT f.date_id, f.region_id, sum(f.impressions) AS impressions, …
-              FROM fact_ad_metrics_daily AS f
-              WHERE f.date_id IN (SELECT date_id FROM dim_date
-                                  WHERE date_value BETWEEN ? AND ?)
-                AND f.region_id IN (?)
-              GROUP BY 1, 2) AS day
-        LEFT JOIN dim_date AS d ON d.date_id = day.date_id
-        GROUP BY 1, 2)
-
-    SELECT dim_region.region_name AS region, p.month AS month,
-           p.impressions AS impressions, …, p.conversion_rate AS conversion_rate
-    FROM (SELECT g.region_id, g.month, impressions AS impressions, …,
-                 <the cost in cents, and the five ratios>
-          FROM groups AS g ORDER BY cost DESC, g.region_id, g.month
-          LIMIT ? OFFSET ?) AS p
-    LEFT JOIN dim_region ON dim_region.region_id = p.region_id
-    """
-    where, params = where_clause(query, filters)
-    shape = (
-        tuple(query.group_by),
-        tuple(query.sort),
-        where,
-        snapshot.dates_in_id_order,
-    )
-    return *statements(*shape), params
-
-
-@functools.lru_cache(maxsize=1024)  # the same shape, the same SQL: it cost 80 µs
-def statements(fields: tuple, sort: tuple, where: str, dates_in_id_order: bool):
-    groups = groups_sql(fields, where)
-    rows = rows_sql(fields, sort, dates_in_id_order)
-    return groups, rows, page_sql(groups, rows, fields)
-
-
-def page_sql(groups: str, rows: str, fields: list[str]) -> str:
-    """One statement whose one row holds the page and the totals, written as JSON by
-    SQLite, and the number of groups."""
-    row = ", ".join(f"'{name}', {name}" for name in [*fields, *METRICS])
-    totals = ", ".join(f"'{name}', {name}" for name in METRICS)
-    sums = ", ".join(f"coalesce(sum({s}), 0) AS {s}" for s in SUMS.values())
-    return (
-        f"WITH {groups}, page AS ({rows}), totals AS (SELECT group_count, {OUTPUT_SQL} "
-        f"FROM (SELECT count(*) AS group_count, {sums} FROM groups)) "
-        f"SELECT (SELECT json_group_array(json_object({row})) FROM page), "
-        f"json_object({totals}), group_count FROM totals"
-    )
+def label(field: str) -> str:
+    """A group_by field's output value, from the page's row p."""
+    if field in LABELS:
+        return f"p.{field} AS {field}"
+    column, table, name = DIMENSIONS.get(field, ("date_id", "dim_date", "date_value"))
+    return f"(SELECT {name} FROM {table} WHERE {column} = p.{column}) AS {field}"
 
 
 # The database -----------------------------------------------------------------------
@@ -609,21 +582,30 @@ async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
         rows = await db.execute_fetchall(
             f"SELECT {column}, {name} FROM {table} ORDER BY 1"
         )
-        names[dim], ids[dim] = [str(n) for _, n in rows], {}
+        names[dim], ids[dim] = list(dict.fromkeys(str(n) for _, n in rows)), {}
         for i, n in rows:  # if two names fold alike, the first id wins
             ids[dim].setdefault(str(n).casefold(), i)
     last_run = None
-    sql = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'job_runs'"
-    if await db.execute_fetchall(sql):
+    with contextlib.suppress(sqlite3.Error):  # no job_runs yet, or not ours: no run
         sql = "SELECT slot, ran_at FROM job_runs ORDER BY slot DESC LIMIT 1"
         for slot, ran_at in await db.execute_fetchall(sql):
             last_run = {"slot": slot, "ran_at": ran_at}
-    span = {"first": min(dates, default=None), "last": max(dates, default=None)}
-    listing = json.dumps({"date": span, **names}, separators=(",", ":")).encode()
+    listing = {
+        "date": {"first": min(dates, default=None), "last": max(dates, default=None)}
+    }
+    listing = json.dumps(listing | names, separators=(",", ":")).encode()
     version = f"{os.getpid()}.{time.time_ns()}"
-    in_order, dates = dates == sorted(dates), sorted(dates)
+    in_order = dates == sorted(dates)
     return Snapshot(
-        pool, data_version, version, names, ids, dates, in_order, last_run, listing
+        pool,
+        data_version,
+        version,
+        names,
+        ids,
+        sorted(dates),
+        in_order,
+        last_run,
+        listing,
     )
 
 
@@ -644,40 +626,45 @@ def primary_code(error: sqlite3.Error) -> int:
 
 
 class Pool:
-    """Read-only connections to one file (one inode), each with its own thread, opened
-    together, so that they read that file even after another replaces it."""
+    """Read-only connections, each with its own thread, to one file (one inode), so
+    that they go on reading it even after another file replaces it at the path."""
 
-    def __init__(self, file_id: tuple[int, int]) -> None:
-        self.file_id, self.watcher = file_id, None
+    def __init__(self, path: str, file_id: tuple[int, int]) -> None:
+        self.path, self.file_id = path, file_id
+        self.watcher: aiosqlite.Connection | None = None  # the Database's own
         self.idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
-        self.waiting, self.retired = 0, False  # requests waiting for a connection
+        self.users, self.retired = 0, False  # requests holding or awaiting one
 
-    @classmethod
-    async def open(cls, path: str, file_id: tuple[int, int], size: int) -> Pool | None:
-        """Connect to the file with this id; None if another took its place meanwhile."""
-        pool, uri = cls(file_id), f"file:{quote(os.path.abspath(path))}?mode=ro"
-        opened = False
-        try:  # mode=ro: never writes, never creates the file
-            pool.watcher = await aiosqlite.connect(uri, uri=True, timeout=0)
-            for _ in range(size):
-                pool.idle.put_nowait(await aiosqlite.connect(uri, uri=True, timeout=0))
-            opened = identify(path) == file_id  # then every connection reads this file
-        finally:
-            if not opened:
-                await pool.retire()
-        return pool if opened else None
+    async def connect(self) -> aiosqlite.Connection | None:
+        """A new connection to this pool's file; None if the path names another."""
+        uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"  # never creates it
+        conn = await aiosqlite.connect(uri, uri=True, timeout=0)
+        try:
+            if identify(self.path) == self.file_id:
+                return conn
+        except BaseException:
+            await conn.close()
+            raise
+        await conn.close()
+        return None
 
-    async def give_back(self, conn: aiosqlite.Connection) -> None:
-        self.idle.put_nowait(conn)
-        if self.retired:
-            await self.retire()
+    async def fill(self, size: int) -> bool:
+        """Open the watcher's connection and size others; False if the file changed."""
+        for _ in range(size + 1):
+            if not (conn := await self.connect()):
+                return False
+            if self.watcher is None:
+                self.watcher = conn
+            else:
+                self.idle.put_nowait(conn)
+        return True
 
     async def retire(self) -> None:
-        """Close the connections, each once no request waits for or holds it."""
+        """Close the connections, at once or as soon as no request uses the pool."""
         self.retired, watcher, self.watcher = True, self.watcher, None
         if watcher:  # once: aiosqlite must not close a connection twice at once
             await watcher.close()
-        while self.waiting == 0 and not self.idle.empty():
+        while self.users == 0 and not self.idle.empty():
             await self.idle.get_nowait().close()
 
 
@@ -687,7 +674,7 @@ class Database:
     A watcher looks at the file twice a second. Another file at the path (another
     inode) gets a new pool of connections; new data in it (PRAGMA data_version), a new
     snapshot of its dimensions; a missing or unreadable file, the reason for 503s. A
-    request uses its snapshot's connections: its names, ids and rows are of one file.
+    request uses its snapshot's pool: its names, ids and rows come from one file.
     """
 
     def __init__(self, path: str, timeout: float, size: int = 8) -> None:
@@ -705,7 +692,10 @@ class Database:
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            await self.check()
+            try:
+                await self.check()
+            except Exception:  # a bug of ours: say so, and look again
+                log.exception("checking database %s failed", self.path)
 
     async def check(self) -> None:
         """Look at the file once: note another file, new data, or what is wrong."""
@@ -714,82 +704,119 @@ class Database:
             file_id = identify(self.path)
             if old and old.pool.file_id == file_id:
                 pool = old.pool
-            elif not (pool := await Pool.open(self.path, file_id, self.size)):
+            elif not await (pool := Pool(self.path, file_id)).fill(self.size):
                 return  # replaced while connecting: look again next time
-            [[data_version]] = await pool.watcher.execute_fetchall(
-                "PRAGMA data_version"
-            )
-            if not old or pool is not old.pool or data_version != old.data_version:
-                self.current = await read_snapshot(pool, data_version)
+            [[version]] = await pool.watcher.execute_fetchall("PRAGMA data_version")
+            if not old or pool is not old.pool or version != old.data_version:
+                self.current = await read_snapshot(pool, version)
         except Unavailable as e:
             self.current, self.problem = None, e.detail
         except (sqlite3.Error, ValueError) as e:
             if isinstance(e, ValueError) or primary_code(e) != sqlite3.SQLITE_BUSY:
                 self.current = None  # (while a writer commits, look again later)
                 self.problem = f"database {self.path} cannot be read: {e}"
-        finally:  # a pool no snapshot has is closed as its last requests end
-            for unused in (old and old.pool, pool):
-                if unused and unused is not (self.current and self.current.pool):
+        finally:  # a pool that no snapshot has closes once its last requests end
+            current_pool = self.current.pool if self.current else None
+            for unused in (old.pool if old else None, pool):
+                if unused is not None and unused is not current_pool:
                     await unused.retire()
+
+    def busy(self) -> Unavailable:
+        return Unavailable(
+            f"every connection stayed busy for {self.timeout:g} s; retry later"
+        )
+
+    @contextlib.asynccontextmanager
+    async def turn(self, heavy: bool, deadline: float):
+        """For a heavy query, hold one of the turns, waited for until the deadline."""
+        if not heavy:
+            yield
+            return
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                await self.turns.acquire()
+        except TimeoutError:
+            raise self.busy() from None
+        try:
+            yield
+        finally:
+            self.turns.release()
 
     @contextlib.asynccontextmanager
     async def connection(self, snapshot: Snapshot, deadline: float, heavy: bool):
-        """Lend one of the snapshot's connections, waiting for it (and, for a heavy
-        query, for a turn first) until the deadline."""
+        """Lend one of the snapshot's connections (after a turn, if the query is
+        heavy), waiting for it until the deadline."""
         pool = snapshot.pool
-        async with contextlib.AsyncExitStack() as held:
-            pool.waiting += 1  # before any await: the pool keeps its connections
-            try:
-                async with asyncio.timeout(deadline - time.monotonic()):
-                    if heavy:
-                        await held.enter_async_context(self.turns)
-                    conn = await pool.idle.get()
-            except TimeoutError:
-                busy = f"every connection stayed busy for {self.timeout:g} s"
-                raise Unavailable(f"{busy}; retry later") from None
-            finally:
-                pool.waiting -= 1
-            held.push_async_callback(pool.give_back, conn)
-            yield conn
+        pool.users += 1  # before any await: a retired pool keeps its connections
+        try:
+            async with self.turn(heavy, deadline):
+                try:
+                    async with asyncio.timeout(deadline - time.monotonic()):
+                        conn = await pool.idle.get()
+                except TimeoutError:
+                    raise self.busy() from None
+                try:
+                    yield conn
+                finally:
+                    pool.idle.put_nowait(conn)
+        finally:
+            pool.users -= 1
+            if pool.retired:
+                await pool.retire()
 
     async def fetch(self, snapshot: Snapshot, sql: str, params: list, heavy=False):
-        """Run a statement: waiting for a connection and running it take no longer
-        than the time limit."""
+        """Run a statement: the wait for a connection and the run share one limit."""
         deadline = time.monotonic() + self.timeout
         async with self.connection(snapshot, deadline, heavy) as conn:
-            work = lambda: conn.execute_fetchall(sql, params)
+            work = functools.partial(conn.execute_fetchall, sql, params)
             return await self.run(conn, work, deadline)
 
-    async def stream(self, snapshot: Snapshot, sql: str, params: list, heavy=False):
-        """Yield a statement's rows, a thousand at a time; the limit bounds the first
-        ones only. Closed early (the client left), it stops the statement."""
+    async def export(self, snapshot: Snapshot, sql: str, params: list, heavy=False):
+        """Yield a statement's rows, a thousand at a time, from a connection of its
+        own, so that a slow download holds nothing others need; a heavy export holds
+        a turn for its first rows only, which the time limit bounds."""
         deadline = time.monotonic() + self.timeout
-        async with self.connection(snapshot, deadline, heavy) as conn:
-            cursor = await self.run(conn, lambda: conn.execute(sql, params), deadline)
-            try:
-                chunk = await self.run(conn, lambda: cursor.fetchmany(1000), deadline)
-                yield chunk
-                while len(chunk) == 1000:
-                    yield (chunk := await cursor.fetchmany(1000))
-            finally:
-                await conn.interrupt()  # a no-op once the statement is done
-                await cursor.close()  # after a fetch still in its thread, if any
+        if not (conn := await snapshot.pool.connect()):
+            raise Unavailable(f"database {self.path} was replaced just now; retry")
+        try:
+            async with self.turn(heavy, deadline):
+                execute = functools.partial(conn.execute, sql, params)
+                cursor = await self.run(conn, execute, deadline)
+                first = functools.partial(cursor.fetchmany, 1000)
+                chunk = await self.run(conn, first, deadline)
+            yield chunk
+            while len(chunk) == 1000:
+                yield (chunk := await cursor.fetchmany(1000))
+        finally:
+            await conn.interrupt()  # the client left: stop the statement
+            await conn.close()
 
     async def run(self, conn: aiosqlite.Connection, work: Callable, deadline: float):
-        """Await work by the deadline, and again while another process has a lock."""
+        """Await work on conn by the deadline, and again while another process has a
+        lock. Past the deadline, or if the request is cancelled, interrupt it while
+        this request still holds conn, until its thread is done: the interrupt then
+        reaches no other request's statement."""
         while True:
+            task = asyncio.ensure_future(work())
             try:
-                return await within(conn, work(), deadline)
-            except TimeoutError:
-                raise Unavailable(
-                    f"the query ran longer than {self.timeout:g} s and was stopped; "
-                    "narrow the date range, add filters or group by fewer fields"
-                ) from None
+                await asyncio.wait([task], timeout=deadline - time.monotonic())
+            finally:
+                while not task.done():  # (interrupting again, if it had not started)
+                    await conn.interrupt()
+                    await asyncio.wait([task], timeout=0.01)
+            try:
+                return task.result()
             except sqlite3.Error as e:
-                locked = primary_code(e) == sqlite3.SQLITE_BUSY
-                if not locked or time.monotonic() + 0.05 > deadline:
-                    problem = f"database {self.path} cannot be read: {e}"
-                    raise Unavailable(problem) from None
+                if time.monotonic() >= deadline:
+                    raise Unavailable(
+                        f"the query ran longer than {self.timeout:g} s and was "
+                        "stopped; narrow the date range, add filters or group by "
+                        "fewer fields"
+                    ) from None
+                if primary_code(e) != sqlite3.SQLITE_BUSY:
+                    raise Unavailable(
+                        f"database {self.path} cannot be read: {e}"
+                    ) from None
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
@@ -798,18 +825,6 @@ class Database:
             self.watching.cancel()
         if self.current:
             await self.current.pool.retire()
-
-
-async def within(conn: aiosqlite.Connection, work: Awaitable, deadline: float):
-    """Await work on conn until the deadline. Past it, or if the request is cancelled
-    (its client left), interrupt the statement while this request still holds conn:
-    the interrupt can then reach no other request's statement."""
-    try:
-        async with asyncio.timeout(deadline - time.monotonic()):
-            return await work
-    except (TimeoutError, asyncio.CancelledError):
-        await conn.interrupt()  # (at once: aiosqlite does not queue it for the thread)
-        raise
 
 
 # The heartbeat ----------------------------------------------------------------------
@@ -825,36 +840,36 @@ class Heartbeat:
     def __init__(self, path: str, interval: int) -> None:
         self.path, self.interval, self.stopping = path, interval, False
         self.scheduler = AsyncIOScheduler(timezone=UTC)
-        self.running = asyncio.Lock()  # held by a run in progress
+        self.run_lock = asyncio.Lock()  # held by a run in progress
 
-    def slot(self, timestamp: float) -> datetime:
+    def slot_at(self, timestamp: float) -> datetime:
         """The latest slot at or before timestamp: slots are multiples of the interval
         since the epoch, so restarts never shift them."""
         return datetime.fromtimestamp(timestamp // self.interval * self.interval, UTC)
 
     def start(self) -> None:
-        """Schedule the runs; the latest slot's is due now (if it has run, its claim
-        finds the row). Late is fine, until the next slot is due."""
-        trigger = IntervalTrigger(seconds=self.interval, start_date=self.slot(0))
+        """Schedule the runs; the latest slot's is due at once (if it has run, its
+        claim finds the row). Late is fine, until the next slot is due."""
+        trigger = IntervalTrigger(seconds=self.interval, start_date=self.slot_at(0))
         once = {
             "coalesce": True,
             "max_instances": 1,
             "misfire_grace_time": self.interval,
         }
-        now = self.slot(time.time())
+        latest = self.slot_at(time.time())
         self.scheduler.add_job(
-            self.run, trigger, id="heartbeat", next_run_time=now, **once
+            self.run, trigger, id="heartbeat", next_run_time=latest, **once
         )
         self.scheduler.start()
 
     async def run(self) -> None:
         """Claim the current slot; the process whose claim wins logs the heartbeat."""
         now = time.time()
-        slot = self.slot(now).isoformat()
+        slot = self.slot_at(now).isoformat()
         ran_at = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
         # Give up half a second before the next slot is due, so that it is not skipped.
-        deadline = self.slot(now).timestamp() + self.interval - 0.5
-        async with self.running:
+        deadline = self.slot_at(now).timestamp() + self.interval - 0.5
+        async with self.run_lock:
             try:
                 if await self.claim(slot, ran_at, deadline):
                     log.info("heartbeat slot=%s ran_at=%s", slot, ran_at)
@@ -865,11 +880,20 @@ class Heartbeat:
 
     async def claim(self, slot: str, ran_at: str, deadline: float) -> bool:
         """Insert the slot's row unless it is there; True if this process did. While the
-        file is locked or missing, try again every 0.2 s until the deadline or a stop;
-        the wait is in the event loop, never in a thread."""
+        file is locked or missing, try again every 0.2 s, in the event loop (never in a
+        thread), until the deadline or a stop."""
+        uri = f"file:{quote(os.path.abspath(self.path))}?mode=rw"  # never creates it
         while not self.stopping:
             try:
-                return await self.insert(slot, ran_at)
+                async with aiosqlite.connect(uri, uri=True, timeout=0.05) as db:
+                    await db.execute(
+                        "CREATE TABLE IF NOT EXISTS job_runs "
+                        "(slot TEXT PRIMARY KEY, ran_at TEXT NOT NULL, pid INTEGER NOT NULL)"
+                    )
+                    sql = "INSERT INTO job_runs VALUES (?, ?, ?) ON CONFLICT (slot) DO NOTHING"
+                    cursor = await db.execute(sql, (slot, ran_at, os.getpid()))
+                    await db.commit()
+                    return cursor.rowcount == 1
             except sqlite3.OperationalError as e:
                 if primary_code(e) not in (
                     sqlite3.SQLITE_BUSY,
@@ -883,35 +907,20 @@ class Heartbeat:
             await asyncio.sleep(0.2)
         raise NotRecorded("the server is stopping")
 
-    async def insert(self, slot: str, ran_at: str) -> bool:
-        # mode=rw: if the file is gone, fail rather than create an empty one.
-        uri = f"file:{quote(os.path.abspath(self.path))}?mode=rw"
-        async with aiosqlite.connect(uri, uri=True, timeout=0.05) as db:
-            await db.execute(
-                "CREATE TABLE IF NOT EXISTS job_runs "
-                "(slot TEXT PRIMARY KEY, ran_at TEXT NOT NULL, pid INTEGER NOT NULL)"
-            )
-            sql = "INSERT INTO job_runs VALUES (?, ?, ?) ON CONFLICT (slot) DO NOTHING"
-            cursor = await db.execute(sql, (slot, ran_at, os.getpid()))
-            await db.commit()
-            return cursor.rowcount == 1
-
     async def stop(self) -> None:
         """Stop scheduling; a run in progress ends its attempt and gives up."""
         self.stopping = True
         self.scheduler.pause()
-        await asyncio.sleep(0)  # a run submitted a moment ago starts, and gives up
-        async with self.running:  # a run in progress has ended
-            self.scheduler.shutdown(wait=False)  # (which would cancel a running one)
+        await asyncio.sleep(0)  # a run submitted just now starts, and gives up
+        async with self.run_lock:  # no run is in progress: shutting down cancels none
+            self.scheduler.shutdown(wait=False)
 
     def state(self, last_run: dict | None) -> dict:
         """The schedule and the latest run; overdue if the latest slot has had no run
         for more than a minute after it was due."""
         now, job = time.time(), self.scheduler.get_job("heartbeat")
-        latest = self.slot(now)
-        ran = (
-            last_run is not None and datetime.fromisoformat(last_run["slot"]) >= latest
-        )
+        latest = self.slot_at(now)
+        ran = last_run is not None and str(last_run["slot"]) >= latest.isoformat()
         return {
             "running": self.scheduler.running,
             "interval_seconds": self.interval,
@@ -996,10 +1005,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         exception_handlers={RequestValidationError: invalid, Exception: internal_error},
     )
     app.state.settings = settings or Settings.from_env(os.environ)
-    # Added to the app itself: an included APIRouter is matched again on every request.
-    app.add_api_route(
-        "/metrics", get_metrics, response_model=MetricsPage, responses=RESPONSES
-    )
+    # Added to the app itself: an APIRouter's routes would be matched twice a request.
+    metrics = {"response_model": MetricsPage}
+    responses = CSV_ANSWER | NOT_MODIFIED | UNAVAILABLE
+    app.add_api_route("/metrics", get_metrics, responses=responses, **metrics)
     app.add_api_route(
         "/dimensions", get_dimensions, responses=NOT_MODIFIED | UNAVAILABLE
     )

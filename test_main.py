@@ -144,6 +144,7 @@ BAD = {  # name -> (query string, parameter in loc, error type, text the message
     "group_by date and week": ("group_by=date,week", "group_by", "value_error", "'week'"),
     "group_by week and month": ("group_by=week&group_by=month", "group_by", "value_error", "'month'"),
     "unknown group_by": ("group_by=country", "group_by", "literal_error", "'country'"),
+    "group_by in another case": ("group_by=Region", "group_by", "literal_error", "'Region'"),
     "group_by twice the same": ("group_by=region,region", "group_by", "value_error", "'region'"),
     "group_by twice, repeated": ("group_by=platform&group_by=platform", "group_by", "value_error", "'platform'"),
     "empty group_by": ("group_by=", "group_by", "string_too_short", "group_by"),
@@ -290,21 +291,19 @@ def test_metrics_match_the_reference(client, params):
 
 @pytest.mark.parametrize(
     "variant",
-    [{"unique_key": False}, {"dates_in_order": True}, {"odd_columns": True}],
-    ids=["no unique key", "date ids in date order", "extra columns named like ours"],
-)
+    ["no unique key", "date ids in date order", "extra columns named like ours",
+     "counts stored as reals", "dimension rows loaded twice"],
+)  # fmt: skip
 def test_other_valid_files_give_the_same_answers(tmp_path, variant):
-    path = build_db(tmp_path / "ads.db", **variant)
+    path = build_db(tmp_path / "ads.db", variant)
+    in_order = variant == "date ids in date order"
     with TestClient(main.create_app(main.Settings(db_path=str(path)))) as client:
-        for params in [
-            {},
-            {"limit": "30", "offset": "400", "sort": "-cost"},
-            {"group_by": "week"},
-            {"group_by": "month,region"},
-            {"group_by": "date", "sort": "-date"},
-            {"region": "Zulu"},
-        ]:
-            check_page(client.get("/metrics", params=params), params, **variant)
+        for params in [{}, {"limit": "30", "offset": "400", "sort": "-cost"},
+                       {"group_by": "week"}, {"group_by": "month,region"},
+                       {"group_by": "date", "sort": "-date"}, {"region": "Zulu"}]:  # fmt: skip
+            check_page(
+                client.get("/metrics", params=params), params, dates_in_order=in_order
+            )
 
 
 @pytest.mark.parametrize(
@@ -526,20 +525,25 @@ def test_a_csv_with_limit_and_offset_is_that_page(client):
     assert len(rows) == 7
 
 
-def test_a_csv_download_the_client_leaves_frees_its_connection(big_db):
+def test_a_csv_download_the_client_leaves_frees_everything_it_held(big_db):
     async def leave_three_times():
         database = main.Database(str(big_db), timeout=5, size=1)
         await database.check()
-        snapshot = database.snapshot()
+        snapshot, threads = database.snapshot(), threading.active_count()
         groups, rows, _, params = main.metrics_sql(main.MetricsQuery(), {}, snapshot)
-        for _ in range(3):  # the one reader comes back each time
-            chunks = database.stream(
-                snapshot, f"WITH {groups} {rows}", [*params, -1, 0]
-            )
-            assert len(await anext(chunks)) == 1000
-            await chunks.aclose()
-            assert snapshot.pool.idle.qsize() == 1
-        await database.close()
+        sql = f"WITH {groups} {rows}"
+        try:
+            for _ in range(3):  # a heavy export: a turn, and a connection of its own
+                chunks = database.export(snapshot, sql, [*params, -1, 0], heavy=True)
+                assert len(await anext(chunks)) == 1000
+                await chunks.aclose()
+                assert threading.active_count() == threads  # its thread has ended
+                assert snapshot.pool.idle.qsize() == 1  # the pool's was never taken
+            async with asyncio.timeout(1):  # and every turn is free again
+                for _ in range(os.cpu_count() or 2):
+                    await database.turns.acquire()
+        finally:
+            await database.close()
 
     asyncio.run(leave_three_times())
 
@@ -585,7 +589,7 @@ def test_an_answer_s_etag_brings_a_304_without_running_a_query(
         raise AssertionError("a query ran")
 
     monkeypatch.setattr(main.Database, "fetch", no_query)
-    monkeypatch.setattr(main.Database, "stream", no_query)
+    monkeypatch.setattr(main.Database, "export", no_query)
     for header in (tag, f"W/{tag}", f'"other", {tag}', "*"):
         again = client.get(url, headers={"If-None-Match": header})
         assert again.status_code == 304 and again.content == b""
@@ -593,6 +597,11 @@ def test_an_answer_s_etag_brings_a_304_without_running_a_query(
     if url.startswith("/metrics"):  # while another tag does run the query
         with pytest.raises(AssertionError, match="a query ran"):
             client.get(url, headers={"If-None-Match": '"other"'})
+
+
+def test_a_bad_request_is_a_422_whatever_tag_it_holds(client):
+    response = client.get("/metrics?region=Atlantis", headers={"If-None-Match": "*"})
+    assert response.status_code == 422
 
 
 def test_each_request_has_its_own_tag(client):
@@ -654,6 +663,21 @@ def test_health_reports_the_database_and_the_heartbeat(client):
     assert slot.endswith(
         ("T00:00:00+00:00", "T06:00:00+00:00", "T12:00:00+00:00", "T18:00:00+00:00")
     )
+
+
+@pytest.mark.parametrize(
+    "job_runs",
+    ["CREATE TABLE job_runs (x)", "CREATE TABLE job_runs (slot, ran_at, pid)"],
+)
+def test_a_job_runs_table_not_ours_never_stops_the_metrics(db_path, job_runs, caplog):
+    with sqlite3.connect(db_path) as db:
+        db.execute(job_runs)
+        if "slot" in job_runs:
+            db.execute("INSERT INTO job_runs VALUES ('not a slot', 'never', 0)")
+    with TestClient(main.create_app(main.Settings(db_path=str(db_path)))) as client:
+        assert client.get("/metrics?group_by=platform").status_code == 200
+        health = client.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
 
 
 @pytest.mark.parametrize(
@@ -869,7 +893,10 @@ def test_rows_dates_and_names_written_in_place_are_served_within_a_second(
 
 def test_a_file_replaced_under_load_is_followed_with_no_500_and_few_503s(tmp_path):
     path = build_db(tmp_path / "ads.db")
-    copies = [build_db(tmp_path / f"copy{i}.db", unique_key=bool(i)) for i in range(2)]
+    copies = [
+        build_db(tmp_path / f"copy{i}.db", v)
+        for i, v in enumerate(["plain", "no unique key"])
+    ]
     server, url = serve(path, tmp_path / "server.log")
     try:
         statuses, errors, done = [], [], threading.Event()
@@ -1025,6 +1052,28 @@ def test_clients_that_leave_a_download_free_its_connection(big_db, tmp_path):
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
+def test_a_replaced_file_s_connections_close_once_its_last_request_gives_up(tmp_path):
+    path = build_db(tmp_path / "ads.db")
+
+    async def scenario():
+        database = main.Database(str(path), timeout=0.3, size=1)
+        await database.check()
+        old = database.snapshot()
+        for _ in range(os.cpu_count() or 2):  # every turn taken: a heavy request waits
+            await database.turns.acquire()
+        waiting = asyncio.ensure_future(database.fetch(old, "SELECT 1", [], heavy=True))
+        await asyncio.sleep(0.05)
+        os.replace(build_db(tmp_path / "new.db"), path)
+        await database.check()  # a new pool; the old one is retired, a request waits
+        assert database.snapshot().pool is not old.pool and old.pool.idle.qsize() == 1
+        with pytest.raises(main.Unavailable):
+            await waiting
+        assert old.pool.idle.qsize() == 0  # closed as its last request gave up
+        await database.close()
+
+    asyncio.run(scenario())
+
+
 # The heartbeat -------------------------------------------------------------------------
 
 
@@ -1114,18 +1163,17 @@ def test_a_claim_waiting_for_the_write_lock_blocks_no_request(db_path):
 
 
 def test_a_claim_waits_through_busy_recovery(db_path, caplog, monkeypatch):
-    attempts = []
-    insert = main.Heartbeat.insert
+    attempts, connect = [], main.aiosqlite.connect
 
-    async def recovering(self, slot, ran_at):
-        attempts.append(slot)
+    def recovering(*args, **kwargs):
+        attempts.append(args)
         if len(attempts) < 3:  # another process is recovering the WAL after a crash
             error = sqlite3.OperationalError("database is locked")
             error.sqlite_errorcode = 261  # SQLITE_BUSY_RECOVERY
             raise error
-        return await insert(self, slot, ran_at)
+        return connect(*args, **kwargs)
 
-    monkeypatch.setattr(main.Heartbeat, "insert", recovering)
+    monkeypatch.setattr(main.aiosqlite, "connect", recovering)
     with caplog.at_level(logging.INFO, logger="ad_metrics"):
         asyncio.run(main.Heartbeat(str(db_path), 3600).run())
     assert len(attempts) == 3 and len(job_runs(db_path)) == 1
@@ -1440,61 +1488,41 @@ def make_facts() -> list[dict]:
 FACTS = make_facts()
 
 
-def build_db(
-    path: Path, unique_key=True, dates_in_order=False, odd_columns=False
-) -> Path:
-    """Write the fixture database: plain tables, as someone else's file might have."""
+def build_db(path: Path, variant: str = "plain") -> Path:
+    """Write the fixture database, as someone else's file might be: plain tables, in
+    one of the variants that a valid file may take."""
     db = sqlite3.connect(path)
-    date_ids = IN_ORDER_IDS if dates_in_order else SHUFFLED_IDS
-    # A fiscal calendar's own month and week, and columns named like the fact table's.
-    extra = (
-        ", month TEXT, week INTEGER, cost REAL, region_id INTEGER"
-        if odd_columns
-        else ""
-    )
+    date_ids = IN_ORDER_IDS if variant == "date ids in date order" else SHUFFLED_IDS
+    twice = variant == "dimension rows loaded twice"
+    key = "" if twice else " PRIMARY KEY"
+    count = "REAL" if variant == "counts stored as reals" else "INTEGER"
+    odd = variant == "extra columns named like ours"  # a fiscal calendar, say
+    extra = ", month TEXT DEFAULT 'P01', week INTEGER DEFAULT 1, cost REAL DEFAULT 1e9"
     db.execute(
-        f"CREATE TABLE dim_date (date_id INTEGER PRIMARY KEY, date_value TEXT{extra})"
+        f"CREATE TABLE dim_date (date_id INTEGER{key}, date_value TEXT{extra * odd})"
     )
+    dates = [(i, d) for d, i in date_ids.items()]
     db.executemany(
-        "INSERT INTO dim_date (date_id, date_value) VALUES (?, ?)",
-        [(i, d) for d, i in date_ids.items()],
+        "INSERT INTO dim_date (date_id, date_value) VALUES (?, ?)", dates * (1 + twice)
     )
-    if odd_columns:
-        db.execute(
-            "UPDATE dim_date SET month = 'P01', week = 1, cost = 1e9, region_id = 7"
-        )
     for table, id_col, name_col, names in DIMS.values():
-        more = (
-            ", cost REAL DEFAULT 5, impressions INTEGER DEFAULT 3, date_id INTEGER"
-            * odd_columns
-        )
+        extra = ", cost REAL DEFAULT 5, impressions INTEGER DEFAULT 3, date_id INTEGER"
         db.execute(
-            f"CREATE TABLE {table} ({id_col} INTEGER PRIMARY KEY, {name_col} TEXT{more})"
+            f"CREATE TABLE {table} ({id_col} INTEGER{key}, {name_col} TEXT{extra * odd})"
         )
+        rows = list(names.items()) * (1 + twice)
         db.executemany(
-            f"INSERT INTO {table} ({id_col}, {name_col}) VALUES (?, ?)", names.items()
+            f"INSERT INTO {table} ({id_col}, {name_col}) VALUES (?, ?)", rows
         )
     ids = ", ".join(d[1] for d in DIMS.values())
-    key = f", PRIMARY KEY (date_id, {ids})" if unique_key else ""
-    db.execute(
-        f"CREATE TABLE fact_ad_metrics_daily (date_id INTEGER, {ids}, impressions INTEGER, "
-        f"clicks INTEGER, cost REAL, conversions INTEGER, likes INTEGER{key})"
-    )
+    unique = "" if variant == "no unique key" else f", PRIMARY KEY (date_id, {ids})"
+    db.execute(f"CREATE TABLE fact_ad_metrics_daily (date_id INTEGER, {ids}, impressions {count}, "
+               f"clicks {count}, cost REAL, conversions {count}, likes {count}{unique})")  # fmt: skip
     db.executemany(
         "INSERT INTO fact_ad_metrics_daily VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-        [
-            (
-                date_ids.get(f["day"], f["date_id"]),
-                *(f[d] for d in DIMS),
-                f["impressions"],
-                f["clicks"],
-                f["cost"] / 100,
-                f["conversions"],
-                f["likes"],
-            )
-            for f in FACTS
-        ],
-    )
+        [(date_ids.get(f["day"], f["date_id"]), *(f[d] for d in DIMS), f["impressions"],
+          f["clicks"], f["cost"] / 100, f["conversions"], f["likes"]) for f in FACTS],
+    )  # fmt: skip
     db.commit()
     db.close()
     return path
