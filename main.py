@@ -185,8 +185,8 @@ class Metrics(BaseModel):
 
 
 class Row(Metrics):
-    """A group. In the answer, its group_by fields come first, in group_by order; a
-    name is null when its id is missing from the dimension's table."""
+    """A group: its group_by fields first, in group_by order (a name is null when its
+    id is missing from its table), then the metrics."""
 
     date: str | None = Field(None, description="YYYY-MM-DD")
     week: str | None = Field(None, description="The week's Monday, YYYY-MM-DD")
@@ -234,10 +234,7 @@ async def get_metrics(
     request: Request, query: Annotated[MetricsQuery, Query()], database: DatabaseDep
 ) -> Response:
     """Return metrics grouped by `group_by`, filtered, sorted and paged, with totals.
-
-    Example: `/metrics?start_date=2025-03-01&end_date=2025-03-31&platform=Instagram`
-    `&group_by=week,device_type&sort=-cost&limit=10`
-    """
+    Example: `/metrics?start_date=2025-03-01&platform=Instagram&group_by=week&sort=-cost`"""
     snapshot = database.snapshot()
     filters = resolve_filters(query, snapshot)
     headers = cache_headers(request, snapshot.version)  # or a 304, with no query run
@@ -669,13 +666,9 @@ class Pool:
 
 
 class Database:
-    """Read-only connections to the file at `path`, which may change as it is served.
-
-    A watcher looks at the file twice a second. Another file at the path (another
-    inode) gets a new pool of connections; new data in it (PRAGMA data_version), a new
-    snapshot of its dimensions; a missing or unreadable file, the reason for 503s. A
-    request uses its snapshot's pool: its names, ids and rows come from one file.
-    """
+    """The file at `path`, watched twice a second: another file there (another inode)
+    gets a new pool, new data (PRAGMA data_version) a new snapshot, a missing or
+    unreadable file the reason for 503s. A request uses one snapshot and its pool."""
 
     def __init__(self, path: str, timeout: float, size: int = 8) -> None:
         self.path, self.timeout, self.size = path, timeout, size
@@ -843,13 +836,12 @@ class Heartbeat:
         self.run_lock = asyncio.Lock()  # held by a run in progress
 
     def slot_at(self, timestamp: float) -> datetime:
-        """The latest slot at or before timestamp: slots are multiples of the interval
-        since the epoch, so restarts never shift them."""
+        """The slot of timestamp: a multiple of the interval since the epoch."""
         return datetime.fromtimestamp(timestamp // self.interval * self.interval, UTC)
 
     def start(self) -> None:
-        """Schedule the runs; the latest slot's is due at once (if it has run, its
-        claim finds the row). Late is fine, until the next slot is due."""
+        """Schedule the runs, the latest slot's at once (if it ran, its claim finds
+        the row); late is fine, until the next slot is due."""
         trigger = IntervalTrigger(seconds=self.interval, start_date=self.slot_at(0))
         once = {
             "coalesce": True,
