@@ -234,7 +234,7 @@ async def get_metrics(
     request: Request, query: Annotated[MetricsQuery, Query()], database: DatabaseDep
 ) -> Response:
     """Return metrics grouped by `group_by`, filtered, sorted and paged, with totals.
-    Example: `/metrics?start_date=2025-03-01&platform=Instagram&group_by=week&sort=-cost`"""
+    Example: `/metrics?start_date=2025-03-01&platform=Instagram&sort=-cost`"""
     snapshot = database.snapshot()
     filters = resolve_filters(query, snapshot)
     headers = cache_headers(request, snapshot.version)  # or a 304, with no query run
@@ -374,7 +374,7 @@ def resolve_filters(query: MetricsQuery, snapshot: Snapshot) -> dict[str, list[i
             loc, msg = ("query", dim), error.message()
             errors.append({"type": error.type, "loc": loc, "msg": msg, "input": values})
         else:
-            filters[dim] = [ids[name.casefold()] for name in names]
+            filters[dim] = [i for name in names for i in ids[name.casefold()]]
     if errors:
         raise RequestValidationError(errors)
     return filters
@@ -440,9 +440,8 @@ def metrics_sql(query: MetricsQuery, filters: dict, snapshot: Snapshot) -> tuple
     JSON answer, with the parameters that come before LIMIT and OFFSET."""
     where, params = [], []
     if query.start_date or query.end_date:  # a date not in dim_date is in no range
-        where.append(
-            "f.date_id IN (SELECT date_id FROM dim_date WHERE date_value BETWEEN ? AND ?)"
-        )
+        days = "SELECT date_id FROM dim_date WHERE date_value BETWEEN ? AND ?"
+        where.append(f"f.date_id IN ({days})")
         params += [str(query.start_date or date.min), str(query.end_date or date.max)]
     for dim, ids in filters.items():  # a placeholder per value: SQLite seeks on each
         where.append(f"f.{DIMENSIONS[dim][0]} IN ({', '.join('?' * len(ids))})")
@@ -479,7 +478,8 @@ def statements(fields, sort, where, dates_in_id_order: bool, ids_unique: bool):
     groups = groups_sql(fields, where)
     columns = ", ".join(f"g.{COLUMNS[field]}" for field in fields)
     order = order_by(fields, sort, dates_in_id_order)
-    page = f"SELECT {columns}, {OUTPUT_SQL} FROM groups AS g ORDER BY {order} LIMIT ? OFFSET ?"
+    page = f"SELECT {columns}, {OUTPUT_SQL} FROM groups AS g ORDER BY {order}"
+    page += " LIMIT ? OFFSET ?"
     labels = [label(field, ids_unique) for field in fields]
     values = ", ".join([*labels, *(f"p.{m} AS {m}" for m in METRICS)])
     rows = f"SELECT {values} FROM ({page}) AS p"
@@ -569,10 +569,10 @@ class Snapshot:
     data_version: int  # the pool's PRAGMA data_version when it was read
     version: str  # new in every process, whenever the file or its data changes
     names: dict[str, list[str]]  # dimension -> names, in id order
-    ids: dict[str, dict[str, int]]  # dimension -> casefolded name -> id
+    ids: dict[str, dict[str, list[int]]]  # dimension -> casefolded name -> ids
     dates: list[str]  # in date order
     dates_in_id_order: bool  # then the fact table's key order is date order
-    ids_unique: bool  # no dimension table, dim_date included, holds an id twice
+    ids_unique: bool  # each id column, dim_date's too, is a key: names are joined
     last_run: dict | None  # the heartbeat's latest run
     listing: bytes  # the body of GET /dimensions
 
@@ -582,20 +582,18 @@ async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
     db = pool.watcher
     columns = ", ".join(f"f.{c}" for c in [*(COLUMNS[f] for f in GRAIN), *BASE_METRICS])
     await db.execute_fetchall(f"SELECT {columns} FROM {FACT} AS f LIMIT 0")
-    tables = {}  # field -> (id, name) rows, in id order
+    tables, keyed = {}, True  # field -> (id, name) rows, in id order
     for field, (column, table, name) in NAMES.items():
         sql = f"SELECT {column}, {name} FROM {table} ORDER BY 1"
         tables[field] = await db.execute_fetchall(sql)
-    unique = all(len({i for i, _ in rows}) == len(rows) for rows in tables.values())
+        keyed = keyed and await is_key(db, table, column)
     dates = [value for _, value in tables.pop("date")]
     for value in dates:
         if not isinstance(value, str) or date.fromisoformat(value).isoformat() != value:
             raise ValueError(f"dim_date holds {value!r}, not a YYYY-MM-DD date")
     names, ids = {}, {}
     for dim, rows in tables.items():
-        names[dim], ids[dim] = list(dict.fromkeys(str(n) for _, n in rows)), {}
-        for i, n in rows:  # if two names fold alike, the first id wins
-            ids[dim].setdefault(str(n).casefold(), i)
+        names[dim], ids[dim] = index_names(rows)
     last_run = None
     with contextlib.suppress(sqlite3.Error):  # no job_runs yet, or not ours: no run
         sql = "SELECT slot, ran_at FROM job_runs ORDER BY slot DESC LIMIT 1"
@@ -603,20 +601,49 @@ async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
             last_run = {"slot": slot, "ran_at": ran_at}
     first_last = {"first": min(dates, default=None), "last": max(dates, default=None)}
     listing = json.dumps({"date": first_last} | names, separators=(",", ":"))
-    version = f"{os.getpid()}.{time.time_ns()}"
-    in_order = dates == sorted(dates)
+    ordered = sorted(dates)
     return Snapshot(
-        pool,
-        data_version,
-        version,
-        names,
-        ids,
-        sorted(dates),
-        in_order,
-        unique,
-        last_run,
-        listing.encode(),
+        pool=pool,
+        data_version=data_version,
+        version=f"{os.getpid()}.{time.time_ns()}",
+        names=names,
+        ids=ids,
+        dates=ordered,
+        dates_in_id_order=dates == ordered,
+        ids_unique=keyed,
+        last_run=last_run,
+        listing=listing.encode(),
     )
+
+
+def index_names(rows: list) -> tuple[list[str], dict[str, list[int]]]:
+    """A table's names in id order, and the ids of each name, casefolded: a filter
+    value stands for every id of its name. A null name is no name."""
+    rows = [(i, str(n)) for i, n in dict.fromkeys(rows) if n is not None]
+    ids = {}
+    for i, n in rows:
+        ids.setdefault(n.casefold(), []).append(i)
+    return list(dict.fromkeys(n for _, n in rows)), ids
+
+
+async def is_key(db: aiosqlite.Connection, table: str, column: str) -> bool:
+    """Whether the schema holds each value of column in one row at most, so that a
+    join on it doubles no row: the primary key or a unique index, with INTEGER
+    affinity (under which 1 and '1' are one value)."""
+    sql = "SELECT lower(name), upper(type), pk FROM pragma_table_info(?)"
+    columns = await db.execute_fetchall(sql, [table])
+    if not any(name == column and "INT" in kind for name, kind, _ in columns):
+        return False
+    if [name for name, _, pk in columns if pk] == [column]:
+        return True
+    sql = (
+        'SELECT 1 FROM pragma_index_list(?) AS i WHERE i."unique" AND NOT i.partial '
+        "AND (SELECT group_concat(lower(name)) FROM pragma_index_info(i.name)) = ?"
+    )
+    return bool(await db.execute_fetchall(sql, [table, column]))
+
+
+CHUNK = 1000  # the rows an export reads at a time
 
 
 def identify(path: str) -> tuple[int, int]:
@@ -642,7 +669,7 @@ async def stop_statement(conn: aiosqlite.Connection) -> None:
     while not idle.done():
         await conn.interrupt()
         await asyncio.wait([idle], timeout=0.01)
-    idle.exception()  # interrupted too, perhaps: no matter
+    idle.exception()  # marks its error (interrupted too, perhaps) as seen
 
 
 class Pool:
@@ -658,7 +685,10 @@ class Pool:
     async def connect(self) -> aiosqlite.Connection | None:
         """A new connection to this pool's file; None if the path names another."""
         uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"  # never creates it
-        conn = await aiosqlite.connect(uri, uri=True, timeout=0)
+        try:
+            conn = await aiosqlite.connect(uri, uri=True, timeout=0)
+        except sqlite3.Error as e:  # removed just now, say
+            raise Unavailable(f"database {self.path} cannot be read: {e}") from None
         try:
             if identify(self.path) == self.file_id:
                 return conn
@@ -788,7 +818,7 @@ class Database:
             return await self.run(conn, work, deadline)
 
     async def export(self, snapshot: Snapshot, sql: str, params: list, heavy=False):
-        """Yield a statement's rows, a thousand at a time, from a connection of its
+        """Yield a statement's rows, CHUNK at a time, from a connection of its
         own, so that a slow download holds nothing others need; a heavy export holds
         a turn for its first rows only, which the time limit bounds."""
         deadline = time.monotonic() + self.timeout
@@ -798,11 +828,12 @@ class Database:
             async with self.turn(heavy, deadline):
                 execute = functools.partial(conn.execute, sql, params)
                 cursor = await self.run(conn, execute, deadline)
-                first = functools.partial(cursor.fetchmany, 1000)
+                first = functools.partial(cursor.fetchmany, CHUNK)
                 chunk = await self.run(conn, first, deadline)
-            yield chunk
-            while len(chunk) == 1000:
-                yield (chunk := await cursor.fetchmany(1000))
+            yield chunk  # the first, perhaps empty
+            while len(chunk) == CHUNK:
+                chunk = await cursor.fetchmany(CHUNK)
+                yield chunk
         finally:
             await conn.interrupt()  # the client left: stop the statement
             await conn.close()
@@ -830,7 +861,7 @@ class Database:
                     raise Unavailable(
                         f"database {self.path} cannot be read: {e}"
                     ) from None
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # busy: a writer commits; try again
 
     async def close(self) -> None:
         """Stop watching; close each connection once its request is done with it."""
@@ -841,6 +872,11 @@ class Database:
 
 
 # The heartbeat ----------------------------------------------------------------------
+
+
+JOB_RUNS_TABLE = """CREATE TABLE IF NOT EXISTS job_runs
+    (slot TEXT PRIMARY KEY, ran_at TEXT NOT NULL, pid INTEGER NOT NULL)"""
+CLAIM = "INSERT INTO job_runs VALUES (?, ?, ?) ON CONFLICT (slot) DO NOTHING"
 
 
 class NotRecorded(Exception):
@@ -898,12 +934,8 @@ class Heartbeat:
         while not self.stopping:
             try:
                 async with aiosqlite.connect(uri, uri=True, timeout=0.05) as db:
-                    await db.execute(
-                        "CREATE TABLE IF NOT EXISTS job_runs "
-                        "(slot TEXT PRIMARY KEY, ran_at TEXT NOT NULL, pid INTEGER NOT NULL)"
-                    )
-                    sql = "INSERT INTO job_runs VALUES (?, ?, ?) ON CONFLICT (slot) DO NOTHING"
-                    cursor = await db.execute(sql, (slot, ran_at, os.getpid()))
+                    await db.execute(JOB_RUNS_TABLE)
+                    cursor = await db.execute(CLAIM, (slot, ran_at, os.getpid()))
                     await db.commit()
                     return cursor.rowcount == 1
             except sqlite3.OperationalError as e:
@@ -946,7 +978,7 @@ class Heartbeat:
 
 
 class StartupError(Exception):
-    """Keeps the service from starting; its message is the one line the operator sees."""
+    """Keeps the service from starting; its message is the operator's one line."""
 
 
 @contextlib.asynccontextmanager

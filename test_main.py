@@ -372,6 +372,41 @@ def test_a_fact_row_with_an_unknown_id_is_kept_with_a_null_name(client):
     )
 
 
+def test_a_name_stands_for_each_of_its_ids_in_any_case_and_a_null_name_for_none(
+    db_path,
+):
+    with sqlite3.connect(db_path) as db:  # two ids named alike; an id with no name
+        db.execute("UPDATE dim_region SET region_name = 'mike' WHERE region_id = 2")
+        db.execute("UPDATE dim_region SET region_name = NULL WHERE region_id = 5")
+    with TestClient(main.create_app(main.Settings(db_path=str(db_path)))) as client:
+        assert client.get("/dimensions").json()["region"] == ["mike", "Mike", "Quebec"]
+        body = client.get("/metrics?region=MIKE&group_by=region").json()
+        assert [row["region"] for row in body["data"]] == ["mike", "Mike"]
+        both = sum(f["impressions"] for f in FACTS if f["region"] in (2, 7))
+        assert body["totals"]["impressions"] == both
+        assert client.get("/metrics?region=None").status_code == 422
+
+
+def test_an_id_column_that_is_no_key_never_doubles_a_row(tmp_path):
+    path = tmp_path / "ads.db"
+    seed.seed(path, days=3)
+    with sqlite3.connect(path) as db:  # untyped ids, and 1 held again as '1'
+        db.execute("ALTER TABLE dim_region RENAME TO old_region")
+        db.execute("CREATE TABLE dim_region (region_id, region_name)")
+        db.execute("INSERT INTO dim_region SELECT * FROM old_region ORDER BY 1")
+        db.execute("INSERT INTO dim_region VALUES ('1', 'Region one again')")
+        db.execute("DROP TABLE old_region")
+        [(rows, regions)] = db.execute(
+            "SELECT count(*), count(DISTINCT region_id) FROM fact_ad_metrics_daily"
+        )
+    with TestClient(main.create_app(main.Settings(db_path=str(path)))) as client:
+        by_region = client.get("/metrics?group_by=region").json()["data"]
+        assert len(by_region) == regions
+        grain = client.get("/metrics?limit=1000").json()
+        assert grain["paging"]["total_rows"] == rows
+        assert len(grain["data"]) == min(1000, rows)
+
+
 def test_a_fact_row_with_an_unknown_date_matches_no_date_range(client):
     days = client.get("/metrics?group_by=date").json()["data"]
     assert days[0]["date"] is None  # nulls first, as SQL sorts them
@@ -504,6 +539,15 @@ def test_a_csv_holds_every_row_the_json_pages_hold(client, params):
         assert [from_csv(text, row[name]) for text, name in zip(line, header)] == list(
             row.values()
         )
+
+
+def test_a_csv_of_no_rows_is_its_header_line(client):
+    response = client.get("/metrics?region=Quebec&group_by=region&format=csv")
+    assert response.status_code == 200
+    assert response.text == (
+        "region,impressions,clicks,cost,conversions,likes,ctr,cpc,cpm,cpa,"
+        "conversion_rate\r\n"
+    )
 
 
 def test_a_csv_with_limit_and_offset_is_that_page(client):
@@ -855,6 +899,14 @@ def test_a_removed_file_is_a_503_naming_it_and_is_never_recreated(tmp_path):
         wait_until(lambda: status_of(client) == (200, 200))
         check_page(client.get("/metrics?group_by=week"), {"group_by": "week"})
         wait_until(lambda: job_runs(path), timeout=3)
+
+
+def test_a_csv_asked_for_as_the_file_goes_is_a_503(tmp_path):
+    path = build_db(tmp_path / "ads.db")
+    with TestClient(main.create_app(main.Settings(db_path=str(path)))) as client:
+        path.unlink()  # asked for before the service looks at the path again
+        answer = client.get("/metrics?format=csv")
+        assert answer.status_code == 503 and str(path) in answer.json()["detail"]
 
 
 def test_a_file_corrupted_in_place_is_a_503_until_it_is_mended(client, db_path):

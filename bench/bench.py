@@ -1,6 +1,7 @@
 """Benchmark the Ad Metrics API over HTTP against SQLite's own speed on the same file.
 
-    python bench/bench.py [--service DIR] [--json FILE] [--cache DIR] [--soak SECONDS]
+    python bench/bench.py [--service DIR] [--against DIR] [--json FILE] [--cache DIR]
+                          [--soak SECONDS]
 
 It seeds the databases with seed.py, all at one density, so that a query on a day or a
 month touches the same rows whatever the table's size: 1M+ rows (365 days, built afresh
@@ -15,6 +16,8 @@ totals and total_rows) in this process, on the same file, checked against the AP
 answer before it is timed. Then: throughput against a trivial endpoint, a light query
 beside heavy ones, a CSV export against sqlite3 and the csv module, a 304 against the
 full answer, the file replaced under load, a soak, scaling, and the server's memory.
+With --against DIR, it first times each query on both services, on one file, their
+requests alternated, so that the ratio of the two is measured in the same moments.
 """
 
 from __future__ import annotations
@@ -598,6 +601,33 @@ async def scaling(service: Path, small: Path, large: Path) -> dict:
     return figures
 
 
+async def compare(service: Path, other: Path, db: Path, n: int = 30) -> dict:
+    """Each query's p50 on this service against another's, on one file, the requests
+    alternated between the two so that the host's noise falls on both alike."""
+    servers = Server(other, db), Server(service, db)
+    figures = {}
+    try:
+        connections = [Connection(server.port) for server in servers]
+        print(f"\n{'':50} other p50  this p50  this/other")
+        for name, (what, query) in QUERIES.items():
+            times = ([], [])
+            for i in range(3 + n):  # 3 to warm up; who goes first alternates too
+                for k in (0, 1) if i % 2 else (1, 0):
+                    status, _, took = await connections[k].get(f"/metrics?{query}")
+                    assert status == 200, (name, status)
+                    if i >= 3:
+                        times[k].append(took)
+            other_p50, this_p50 = map(statistics.median, times)
+            figures[name] = {"other_p50_ms": other_p50 * 1e3, "this_p50_ms": this_p50 * 1e3,
+                             "ratio": this_p50 / other_p50}  # fmt: skip
+            print(f"{name} {what:47} {other_p50 * 1e3:7.2f}ms {this_p50 * 1e3:7.2f}ms "
+                  f"{this_p50 / other_p50:8.3f}x")  # fmt: skip
+    finally:
+        for server in servers:
+            server.stop()
+    return figures
+
+
 async def run(args: argparse.Namespace) -> dict:
     service, cache = Path(args.service).resolve(), Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -612,6 +642,10 @@ async def run(args: argparse.Namespace) -> dict:
         build(small, 35, cached=True)[0],
         build(large, 1826, cached=True)[0],
     ]
+    if args.against:
+        other = Path(args.against).resolve()
+        print(f"against: {other}")
+        figures["against"] = await compare(service, other, work / "1m.db")
     server = Server(service, work / "1m.db")
     try:
         figures["queries"] = await latencies(server, work / "1m.db")
@@ -638,6 +672,9 @@ def cli() -> None:
         "--service",
         default=ROOT,
         help="the directory of the main.py to run (default: this repository)",
+    )
+    parser.add_argument(
+        "--against", help="another service's directory: each query, alternated"
     )
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--cache", default=Path(tempfile.gettempdir()) / "ad-metrics-bench",
