@@ -599,9 +599,9 @@ async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
         sql = "SELECT slot, ran_at FROM job_runs ORDER BY slot DESC LIMIT 1"
         for slot, ran_at in await db.execute_fetchall(sql):
             last_run = {"slot": slot, "ran_at": ran_at}
-    first_last = {"first": min(dates, default=None), "last": max(dates, default=None)}
-    listing = json.dumps({"date": first_last} | names, separators=(",", ":"))
     ordered = sorted(dates)
+    first, last = (ordered[0], ordered[-1]) if ordered else (None, None)
+    listing = {"date": {"first": first, "last": last}} | names
     return Snapshot(
         pool=pool,
         data_version=data_version,
@@ -612,7 +612,7 @@ async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
         dates_in_id_order=dates == ordered,
         ids_unique=keyed,
         last_run=last_run,
-        listing=listing.encode(),
+        listing=json.dumps(listing, separators=(",", ":")).encode(),
     )
 
 
@@ -646,6 +646,10 @@ async def is_key(db: aiosqlite.Connection, table: str, column: str) -> bool:
 CHUNK = 1000  # the rows an export reads at a time
 
 
+def unreadable(path: str, reason: object) -> Unavailable:
+    return Unavailable(f"database {path} cannot be read: {reason}")
+
+
 def identify(path: str) -> tuple[int, int]:
     """The device and inode of the file at path: a replaced file has others."""
     try:
@@ -653,7 +657,7 @@ def identify(path: str) -> tuple[int, int]:
     except FileNotFoundError:
         raise Unavailable(f"database {path} is missing") from None
     except OSError as e:
-        raise Unavailable(f"database {path} cannot be read: {e.strerror}") from None
+        raise unreadable(path, e.strerror) from None
     return st.st_dev, st.st_ino
 
 
@@ -688,7 +692,7 @@ class Pool:
         try:
             conn = await aiosqlite.connect(uri, uri=True, timeout=0)
         except sqlite3.Error as e:  # removed just now, say
-            raise Unavailable(f"database {self.path} cannot be read: {e}") from None
+            raise unreadable(self.path, e) from None
         try:
             if identify(self.path) == self.file_id:
                 return conn
@@ -760,7 +764,7 @@ class Database:
         except (sqlite3.Error, ValueError) as e:
             if isinstance(e, ValueError) or primary_code(e) != sqlite3.SQLITE_BUSY:
                 self.current = None  # (while a writer commits, look again later)
-                self.problem = f"database {self.path} cannot be read: {e}"
+                self.problem = unreadable(self.path, e).detail
         finally:  # a pool that no snapshot has closes once its last requests end
             current_pool = self.current.pool if self.current else None
             for unused in (old.pool if old else None, pool):
@@ -858,9 +862,7 @@ class Database:
                 raise
             except sqlite3.Error as e:
                 if primary_code(e) != sqlite3.SQLITE_BUSY:
-                    raise Unavailable(
-                        f"database {self.path} cannot be read: {e}"
-                    ) from None
+                    raise unreadable(self.path, e) from None
             await asyncio.sleep(0.05)  # busy: a writer commits; try again
 
     async def close(self) -> None:

@@ -184,63 +184,28 @@ def test_bad_input_is_a_422_naming_the_parameter_and_value(
     assert text in error["msg"]
 
 
-def test_an_unknown_name_is_a_whole_422_that_lists_the_valid_ones(client):
-    response = client.get("/metrics?region=Atlantis")
+WHOLE_422 = {  # a request, and every entry of its 422's detail
+    "an unknown name, with the valid ones": ("region=Atlantis", [
+        {"type": "literal_error", "loc": ["query", "region"], "input": ["Atlantis"],
+         "msg": "region 'Atlantis' is not one of: Zulu, Alpha, Mike, Quebec"}]),
+    "several bad parameters, together": ("limit=0&offset=-1&colour=red", [
+        {"type": "greater_than_equal", "loc": ["query", "limit"], "input": "0",
+         "ctx": {"ge": 1}, "msg": "limit '0': Input should be greater than or equal to 1"},
+        {"type": "greater_than_equal", "loc": ["query", "offset"], "input": "-1",
+         "ctx": {"ge": 0}, "msg": "offset '-1': Input should be greater than or equal to 0"},
+        {"type": "extra_forbidden", "loc": ["query", "colour"], "input": "red",
+         "msg": "colour 'red': Extra inputs are not permitted"}]),
+    "a date that is not real": ("start_date=2025-02-30", [
+        {"type": "date_parsing", "loc": ["query", "start_date"], "input": "2025-02-30",
+         "msg": "start_date '2025-02-30' is not a real date"}]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("query, detail", WHOLE_422.values(), ids=list(WHOLE_422))
+def test_a_bad_request_is_a_whole_422(client, query, detail):
+    response = client.get(f"/metrics?{query}")
     assert response.status_code == 422
-    assert response.json() == {
-        "detail": [
-            {
-                "type": "literal_error",
-                "loc": ["query", "region"],
-                "input": ["Atlantis"],
-                "msg": "region 'Atlantis' is not one of: Zulu, Alpha, Mike, Quebec",
-            }
-        ]
-    }
-
-
-def test_several_bad_parameters_are_reported_together_in_one_422(client):
-    response = client.get("/metrics?limit=0&offset=-1&colour=red")
-    assert response.status_code == 422
-    assert response.json() == {
-        "detail": [
-            {
-                "type": "greater_than_equal",
-                "loc": ["query", "limit"],
-                "input": "0",
-                "ctx": {"ge": 1},
-                "msg": "limit '0': Input should be greater than or equal to 1",
-            },
-            {
-                "type": "greater_than_equal",
-                "loc": ["query", "offset"],
-                "input": "-1",
-                "ctx": {"ge": 0},
-                "msg": "offset '-1': Input should be greater than or equal to 0",
-            },
-            {
-                "type": "extra_forbidden",
-                "loc": ["query", "colour"],
-                "input": "red",
-                "msg": "colour 'red': Extra inputs are not permitted",
-            },
-        ]
-    }
-
-
-def test_a_bad_date_is_a_whole_422(client):
-    response = client.get("/metrics?start_date=2025-02-30")
-    assert response.status_code == 422
-    assert response.json() == {
-        "detail": [
-            {
-                "type": "date_parsing",
-                "loc": ["query", "start_date"],
-                "input": "2025-02-30",
-                "msg": "start_date '2025-02-30' is not a real date",
-            }
-        ]
-    }
+    assert response.json() == {"detail": detail}
 
 
 # GET /metrics: every answer is the reference's ----------------------------------------
