@@ -311,9 +311,9 @@ def next_page(request: Request, query: MetricsQuery, total_rows: int) -> str | N
     """The next page's URL: the client's own query string with a new offset."""
     if (offset := query.offset + query.limit) >= total_rows:
         return None
-    given = request.url.query.split("&")
+    given = request.scope["query_string"].decode("latin-1").split("&")
     kept = [p for p in given if unquote_plus(p.split("=")[0]) not in ("", "offset")]
-    return f"{request.url.path}?{'&'.join([*kept, f'offset={offset}'])}"
+    return f"{request.scope['path']}?{'&'.join([*kept, f'offset={offset}'])}"
 
 
 async def csv_text(
@@ -777,11 +777,8 @@ class Database:
         )
 
     @contextlib.asynccontextmanager
-    async def turn(self, heavy: bool, deadline: float):
-        """For a heavy query, hold one of the turns, waited for until the deadline."""
-        if not heavy:
-            yield
-            return
+    async def turn(self, deadline: float):
+        """Hold one of the heavy queries' turns, waited for until the deadline."""
         try:
             async with asyncio.timeout(deadline - time.monotonic()):
                 await self.turns.acquire()
@@ -799,7 +796,7 @@ class Database:
         pool = snapshot.pool
         pool.users += 1  # before any await: a retired pool keeps its connections
         try:
-            async with self.turn(heavy, deadline):
+            async with self.turn(deadline) if heavy else contextlib.nullcontext():
                 try:
                     async with asyncio.timeout(deadline - time.monotonic()):
                         conn = await pool.idle.get()
@@ -829,7 +826,7 @@ class Database:
         if not (conn := await snapshot.pool.connect()):
             raise Unavailable(f"database {self.path} was replaced just now; retry")
         try:
-            async with self.turn(heavy, deadline):
+            async with self.turn(deadline) if heavy else contextlib.nullcontext():
                 execute = functools.partial(conn.execute, sql, params)
                 cursor = await self.run(conn, execute, deadline)
                 first = functools.partial(cursor.fetchmany, CHUNK)

@@ -622,6 +622,17 @@ async def compare(service: Path, other: Path, db: Path, n: int = 30) -> dict:
                              "ratio": this_p50 / other_p50}  # fmt: skip
             print(f"{name} {what:47} {other_p50 * 1e3:7.2f}ms {this_p50 * 1e3:7.2f}ms "
                   f"{this_p50 / other_p50:8.3f}x")  # fmt: skip
+        q6, rates = f"/metrics?{QUERIES['Q6'][1]}", ([], [])
+        for i in range(6):  # Q6 throughput, 16 clients, each service in turn
+            for k in (0, 1) if i % 2 else (1, 0):
+                answers = await hammer(servers[k].port, [q6], 16, 10 / 3)
+                assert set(answers["statuses"]) == {200}, answers["statuses"]
+                rates[k].append(len(answers["latencies"]) * 0.3)
+        other_rate, this_rate = map(statistics.median, rates)
+        figures["Q6 throughput"] = {"other_req_per_s": other_rate, "this_req_per_s": this_rate,
+                                    "ratio": this_rate / other_rate}  # fmt: skip
+        print(f"Q6 throughput, 16 clients, six rounds each: {other_rate:,.0f} req/s against "
+              f"{this_rate:,.0f} req/s this: {this_rate / other_rate:.3f}x")  # fmt: skip
     finally:
         for server in servers:
             server.stop()
