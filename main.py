@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -936,6 +937,9 @@ class Heartbeat:
                     await db.execute(JOB_RUNS_TABLE)
                     cursor = await db.execute(CLAIM, (slot, ran_at, os.getpid()))
                     await db.commit()
+                    # Empty the WAL now: the service's own connections, read-only,
+                    # never do, and a file put at the path would read these frames.
+                    await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                     return cursor.rowcount == 1
             except sqlite3.OperationalError as e:
                 if primary_code(e) not in (
@@ -1070,5 +1074,11 @@ if __name__ == "__main__":
         print(f"{settings.db_path} not found: seeding it", file=sys.stderr)
         if seed.main(["--db", settings.db_path]):
             sys.exit(2)
-    level = settings.log_level.lower()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=level)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        # On SIGTERM, a request has the query time limit to end: a stalled download too.
+        timeout_graceful_shutdown=math.ceil(settings.query_timeout),
+    )

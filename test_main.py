@@ -866,6 +866,30 @@ def test_a_removed_file_is_a_503_naming_it_and_is_never_recreated(tmp_path):
         wait_until(lambda: job_runs(path), timeout=3)
 
 
+@pytest.mark.parametrize("how", ["renamed over it", "removed, then copied back"])
+def test_a_wal_file_replaced_after_heartbeats_is_served_and_left_whole(tmp_path, how):
+    path, new = tmp_path / "ads.db", tmp_path / "new.db"
+    for db, days in ((path, 3), (new, 6)):
+        seed.seed(db, days=days, density=0.05)
+        sqlite3.connect(db).execute("PRAGMA journal_mode = wal").connection.close()
+    pristine = dump(new)
+    settings = main.Settings(db_path=str(path), heartbeat_interval=1)
+    with TestClient(main.create_app(settings)) as client:
+        wait_until(lambda: len(job_runs(path)) >= 2)  # the heartbeat wrote to the WAL
+        if how == "renamed over it":
+            os.replace(new, path)
+        else:
+            path.unlink()
+            wait_until(lambda: status_of(client) == (503, 503))
+            shutil.copy(new, path)
+        dates = lambda: client.get("/dimensions").json().get("date", {}).get("last")
+        wait_until(lambda: dates() == "2025-01-06", timeout=5)
+        wait_until(lambda: len(job_runs(path)) >= 2)  # the heartbeat writes to it
+        assert client.get("/metrics?group_by=date").json()["paging"]["total_rows"] == 6
+    assert integrity(path) == "ok"  # which reads, and checkpoints, what the WAL holds
+    assert dump(path) == pristine
+
+
 def test_a_csv_asked_for_as_the_file_goes_is_a_503(tmp_path):
     path = build_db(tmp_path / "ads.db")
     with TestClient(main.create_app(main.Settings(db_path=str(path)))) as client:
@@ -1374,6 +1398,33 @@ def test_python_main_py_seeds_a_missing_database_then_serves(tmp_path):
         log, _ = server.communicate(timeout=10)
     assert "new.db not found: seeding it" in log
     assert "seeded " in log and " rows over 365 days in " in log
+
+
+def test_sigterm_ends_a_stalled_download_within_the_query_time_limit(big_db, tmp_path):
+    port = free_port()
+    env = {"ADS_DB": str(big_db), "PORT": str(port), "QUERY_TIMEOUT_SECONDS": "1"}
+    log = tmp_path / "server.log"
+    server = subprocess.Popen(
+        [sys.executable, "main.py"],
+        cwd=HERE,
+        env={**os.environ, **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_until(lambda: probe(f"http://127.0.0.1:{port}/health"), timeout=30)
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(b"GET /metrics?format=csv HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert stalled.recv(100).startswith(b"HTTP/1.1 200")  # and reads no more
+        time.sleep(0.5)
+        asked = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) in (0, -signal.SIGTERM)
+        assert time.monotonic() - asked < 3
+    finally:
+        server.kill()
+    stalled.close()
+    assert "Application shutdown complete" in log.read_text()
 
 
 # seed.py ----------------------------------------------------------------------------------
