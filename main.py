@@ -386,9 +386,11 @@ def resolve_filters(query: MetricsQuery, snapshot: Snapshot) -> dict[str, list[i
 
 
 def ratio(n: str, d: str) -> str:
-    """SQL for n / d rounded half-up to 6 decimals, exactly, from integers: the
-    millionths are (2,000,000 n + d) div 2d; null when d is 0."""
-    return f"(2000000 * {n} + {d}) / NULLIF(2 * {d}, 0) / 1e6"
+    """SQL for n / d to 6 decimals, exactly, from integers, a half away from zero (a
+    refund's cost is negative): the millionths are (2,000,000 n ± d) div 2d, with d
+    added to the numerator's magnitude; null when d is 0."""
+    half = f"iif(({n} < 0) = ({d} < 0), {d}, -{d})"
+    return f"(2000000 * {n} + {half}) / NULLIF(2 * {d}, 0) / 1e6"
 
 
 # Counts as integers (a user's file may hold 5.0), and the cost in whole cents.

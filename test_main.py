@@ -1550,6 +1550,8 @@ def make_facts() -> list[dict]:
             "conversions": rng.randint(0, clicks // 4) if clicks else 0,
             "cost": rng.randint(1, 2 * imps) if imps else 0,
         }
+    for row in facts[::29]:  # refunds: a negative cost
+        row["cost"] = -row["cost"]
     return facts
 
 
@@ -1620,16 +1622,14 @@ def label(fact: dict, field: str) -> str | None:
     return {"date": fact["day"], "week": monday, "month": fact["day"][:7]}[field]
 
 
-def half_up(numerator, denominator) -> float | None:
-    """Round numerator/denominator half-up to 6 decimals, exactly; None for 0/0."""
+def rounded(numerator, denominator) -> float | None:
+    """numerator/denominator to 6 decimals, exactly, a half away from zero; None for
+    x/0."""
     if denominator == 0:
         return None
-    return float(
-        Fraction(
-            math.floor(Fraction(numerator) / denominator * 10**6 + Fraction(1, 2)),
-            10**6,
-        )
-    )
+    millionths = Fraction(numerator) / denominator * 10**6
+    magnitude = math.floor(abs(millionths) + Fraction(1, 2))
+    return float(Fraction(magnitude if millionths >= 0 else -magnitude, 10**6))
 
 
 def metrics(s: dict) -> dict:
@@ -1640,11 +1640,11 @@ def metrics(s: dict) -> dict:
         "cost": float(cost),
         "conversions": s["conversions"],
         "likes": s["likes"],
-        "ctr": half_up(s["clicks"], s["impressions"]),
-        "cpc": half_up(cost, s["clicks"]),
-        "cpm": half_up(1000 * cost, s["impressions"]),
-        "cpa": half_up(cost, s["conversions"]),
-        "conversion_rate": half_up(s["conversions"], s["clicks"]),
+        "ctr": rounded(s["clicks"], s["impressions"]),
+        "cpc": rounded(cost, s["clicks"]),
+        "cpm": rounded(1000 * cost, s["impressions"]),
+        "cpa": rounded(cost, s["conversions"]),
+        "conversion_rate": rounded(s["conversions"], s["clicks"]),
     }
 
 
