@@ -647,6 +647,8 @@ async def is_key(db: aiosqlite.Connection, table: str, column: str) -> bool:
 
 
 CHUNK = 1000  # the rows an export reads at a time
+# CSV downloads at once (then 503s): 60 stalled downloads held 60 threads and 145 files.
+DOWNLOADS = 8
 
 
 def unreadable(path: str, reason: object) -> Unavailable:
@@ -733,6 +735,7 @@ class Database:
     def __init__(self, path: str, timeout: float, size: int = 8) -> None:
         self.path, self.timeout, self.size = path, timeout, size
         self.turns = asyncio.Semaphore(os.cpu_count() or 2)  # for heavy queries
+        self.downloads = asyncio.Semaphore(DOWNLOADS)
         self.current: Snapshot | None = None
         self.problem = f"database {path} has not been read yet"
         self.watching: asyncio.Task | None = None
@@ -822,25 +825,29 @@ class Database:
             return await self.run(conn, work, deadline)
 
     async def export(self, snapshot: Snapshot, sql: str, params: list, heavy=False):
-        """Yield a statement's rows, CHUNK at a time, from a connection of its
-        own, so that a slow download holds nothing others need; a heavy export holds
-        a turn for its first rows only, which the time limit bounds."""
+        """Yield a statement's rows, CHUNK at a time, from a connection of its own, so
+        that a slow download keeps no pooled connection; it holds a thread and a read
+        of the file, so DOWNLOADS bounds them. A heavy export holds a turn for its first
+        rows only, which the time limit bounds."""
         deadline = time.monotonic() + self.timeout
-        if not (conn := await snapshot.pool.connect()):
-            raise Unavailable(f"database {self.path} was replaced just now; retry")
-        try:
-            async with self.turn(deadline) if heavy else contextlib.nullcontext():
-                execute = functools.partial(conn.execute, sql, params)
-                cursor = await self.run(conn, execute, deadline)
-                first = functools.partial(cursor.fetchmany, CHUNK)
-                chunk = await self.run(conn, first, deadline)
-            yield chunk  # the first, perhaps empty
-            while len(chunk) == CHUNK:
-                chunk = await cursor.fetchmany(CHUNK)
-                yield chunk
-        finally:
-            await conn.interrupt()  # the client left: stop the statement
-            await conn.close()
+        if self.downloads.locked():
+            raise Unavailable(f"{DOWNLOADS} downloads are under way; retry later")
+        async with self.downloads:
+            if not (conn := await snapshot.pool.connect()):
+                raise Unavailable(f"database {self.path} was replaced just now; retry")
+            try:
+                async with self.turn(deadline) if heavy else contextlib.nullcontext():
+                    execute = functools.partial(conn.execute, sql, params)
+                    cursor = await self.run(conn, execute, deadline)
+                    first = functools.partial(cursor.fetchmany, CHUNK)
+                    chunk = await self.run(conn, first, deadline)
+                yield chunk  # the first, perhaps empty
+                while len(chunk) == CHUNK:
+                    chunk = await cursor.fetchmany(CHUNK)
+                    yield chunk
+            finally:
+                await conn.interrupt()  # the client left: stop the statement
+                await conn.close()
 
     async def run(self, conn: aiosqlite.Connection, work: Callable, deadline: float):
         """Await work on conn by the deadline, and again while another process has a

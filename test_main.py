@@ -1093,6 +1093,26 @@ def test_clients_that_leave_a_download_free_its_connection(big_db, tmp_path):
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
+def test_downloads_at_once_are_bounded_and_the_next_told_to_retry(big_db, tmp_path):
+    server, url = serve(big_db, tmp_path / "server.log")
+    port = int(url.rsplit(":", 1)[1])
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+    try:
+        for download in stalled:  # each asks for 10 MB of CSV, and reads none of it
+            download.sendall(b"GET /metrics?format=csv HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert download.recv(12) == b"HTTP/1.1 200"
+        one_more = httpx.get(f"{url}/metrics?format=csv")
+        assert one_more.status_code == 503
+        assert one_more.json()["detail"] == "8 downloads are under way; retry later"
+        assert httpx.get(f"{url}/metrics?limit=1").status_code == 200
+        stalled.pop().close()
+        wait_until(lambda: httpx.get(f"{url}/metrics?format=csv").status_code == 200)
+    finally:
+        for download in stalled:
+            download.close()
+        stop(server)
+
+
 def test_a_replaced_file_s_connections_close_once_its_last_request_gives_up(tmp_path):
     path = build_db(tmp_path / "ads.db")
 
