@@ -63,9 +63,11 @@ class Settings(BaseModel):
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Read the variables, or stop with one line that names a bad one."""
-        level = env.get("LOG_LEVEL", "INFO").upper()
+        names = {field.alias for field in cls.model_fields.values()}  # not db_path
+        values = {name: value for name, value in env.items() if name in names}
+        level = values.get("LOG_LEVEL", "INFO").upper()
         try:
-            return cls.model_validate({**env, "LOG_LEVEL": level})
+            return cls.model_validate({**values, "LOG_LEVEL": level})
         except pydantic.ValidationError as e:
             bad = e.errors()[0]
             raise SystemExit(
@@ -393,9 +395,10 @@ def ratio(n: str, d: str) -> str:
     return f"(2000000 * {n} + {half}) / NULLIF(2 * {d}, 0) / 1e6"
 
 
-# Counts as integers (a user's file may hold 5.0), and the cost in whole cents.
-N = {m: f"CAST({m} AS INTEGER)" for m in BASE_METRICS if m != "cost"}
-CENTS = "CAST(round(100 * cost_sum) AS INTEGER)"
+# Counts as integers (a user's file may hold 5.0), and the cost in whole cents; a
+# null, as in the totals, is 0.
+N = {m: f"CAST(coalesce({m}, 0) AS INTEGER)" for m in BASE_METRICS if m != "cost"}
+CENTS = "CAST(round(100 * coalesce(cost_sum, 0)) AS INTEGER)"
 OUTPUT = {  # each output metric, from a group's sums
     "impressions": N["impressions"],
     "clicks": N["clicks"],
@@ -550,9 +553,10 @@ def label(field: str, joined: bool) -> str:
     if field in LABELS:
         return f"p.{field} AS {field}"
     column, table, name = NAMES[field]
+    text = f"CAST({table}.{name} AS TEXT)"  # as /dimensions lists it
     if joined:
-        return f"{table}.{name} AS {field}"
-    return f"(SELECT {name} FROM {table} WHERE {column} = p.{column}) AS {field}"
+        return f"{text} AS {field}"
+    return f"(SELECT {text} FROM {table} WHERE {column} = p.{column}) AS {field}"
 
 
 def joins(fields: tuple) -> str:

@@ -71,6 +71,8 @@ def test_settings_come_from_the_environment():
         heartbeat_interval=21600,
         query_timeout=10,
     )
+    fields = {"db_path": "/elsewhere.db", "port": "1"}  # a field's name is no variable
+    assert main.Settings.from_env(fields) == main.Settings()
 
 
 @pytest.mark.parametrize(
@@ -370,6 +372,35 @@ def test_an_id_column_that_is_no_key_never_doubles_a_row(tmp_path):
         grain = client.get("/metrics?limit=1000").json()
         assert grain["paging"]["total_rows"] == rows
         assert len(grain["data"]) == min(1000, rows)
+
+
+def test_a_null_count_counts_as_zero_and_a_name_that_is_a_number_is_text(tmp_path):
+    path = build_db(tmp_path / "ads.db")
+    [age_id] = [i for i, name in DIMS["age_group"][3].items() if name == "18-24"]
+    with sqlite3.connect(path) as db:  # untyped names: 18 stays a number
+        db.execute("ALTER TABLE dim_age_group RENAME TO old_age")
+        db.execute("CREATE TABLE dim_age_group (age_id INTEGER PRIMARY KEY, age_range)")
+        db.execute("INSERT INTO dim_age_group SELECT * FROM old_age")
+        db.execute("UPDATE dim_age_group SET age_range = 18 WHERE age_id = ?", [age_id])
+        db.execute("DROP TABLE old_age")
+        db.execute(
+            "UPDATE fact_ad_metrics_daily SET impressions = NULL, clicks = NULL, "
+            "cost = NULL, conversions = NULL, likes = NULL WHERE age_id = ?",
+            [age_id],
+        )
+    with TestClient(main.create_app(main.Settings(db_path=str(path)))) as client:
+        assert "18" in client.get("/dimensions").json()["age_group"]
+        for query in ("", "group_by=age_group", "format=csv"):
+            answer = client.get(f"/metrics?age_group=18&{query}")
+            if query.endswith("csv"):
+                rows = list(csv.DictReader(io.StringIO(answer.text)))
+                assert rows and all(row["cost"] == "0.0" for row in rows)
+                continue
+            page = main.MetricsPage.model_validate(answer.json())
+            assert page.data and {row.age_group for row in page.data} == {"18"}
+            assert {(row.impressions, row.cost, row.ctr) for row in page.data} == {
+                (0, 0.0, None)
+            }
 
 
 def test_a_fact_row_with_an_unknown_date_matches_no_date_range(client):
