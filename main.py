@@ -63,7 +63,7 @@ class Settings(BaseModel):
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Read the variables, or stop with one line that names a bad one."""
-        names = {field.alias for field in cls.model_fields.values()}  # not db_path
+        names = {field.alias for field in cls.model_fields.values()}  # ADS_DB, …
         values = {name: value for name, value in env.items() if name in names}
         level = values.get("LOG_LEVEL", "INFO").upper()
         try:
@@ -334,7 +334,7 @@ async def csv_text(
             out.seek(0)
             out.truncate()
             rows = await anext(rest, None)
-    finally:  # also when the client left
+    finally:  # also when the client left (a response cut short: when collected)
         await rest.aclose()
 
 
@@ -389,8 +389,9 @@ def resolve_filters(query: MetricsQuery, snapshot: Snapshot) -> dict[str, list[i
 
 def ratio(n: str, d: str) -> str:
     """SQL for n / d to 6 decimals, exactly, from integers, a half away from zero (a
-    refund's cost is negative): the millionths are (2,000,000 n ± d) div 2d, with d
-    added to the numerator's magnitude; null when d is 0."""
+    refund's cost is negative): SQLite's integer division truncates toward zero, so
+    the millionths are (2,000,000 n ± d) div 2d, |d| added to |2,000,000 n|; null
+    when d is 0."""
     half = f"iif(({n} < 0) = ({d} < 0), {d}, -{d})"
     return f"(2000000 * {n} + {half}) / NULLIF(2 * {d}, 0) / 1e6"
 
@@ -591,7 +592,7 @@ async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
     await db.execute_fetchall(f"SELECT {columns} FROM {FACT} AS f LIMIT 0")
     tables, keyed = {}, True  # field -> (id, name) rows, in id order
     for field, (column, table, name) in NAMES.items():
-        sql = f"SELECT {column}, {name} FROM {table} ORDER BY 1"
+        sql = f"SELECT {column}, CAST({name} AS TEXT) FROM {table} ORDER BY 1"
         tables[field] = await db.execute_fetchall(sql)
         if not await is_key(db, table, column):
             keyed = False
@@ -627,7 +628,7 @@ async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
 def index_names(rows: list) -> tuple[list[str], dict[str, list[int]]]:
     """A table's names in id order, and the ids of each name, casefolded: a filter
     value stands for every id of its name. A null name is no name."""
-    rows = [(i, str(n)) for i, n in dict.fromkeys(rows) if n is not None]
+    rows = [(i, n) for i, n in dict.fromkeys(rows) if n is not None]
     ids = {}
     for i, n in rows:
         ids.setdefault(n.casefold(), []).append(i)
@@ -881,8 +882,7 @@ class Database:
         """Stop watching; close each connection once its request is done with it."""
         if self.watching:
             self.watching.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.watching
+            await asyncio.wait([self.watching])
         if self.current:
             await self.current.pool.retire()
 
@@ -893,6 +893,16 @@ class Database:
 JOB_RUNS_TABLE = """CREATE TABLE IF NOT EXISTS job_runs
     (slot TEXT PRIMARY KEY, ran_at TEXT NOT NULL, pid INTEGER NOT NULL)"""
 CLAIM = "INSERT INTO job_runs VALUES (?, ?, ?) ON CONFLICT (slot) DO NOTHING"
+
+
+async def empty_wal(db: aiosqlite.Connection, slot: str) -> None:
+    """Copy the WAL into the file and truncate it, unless a reader holds it: the
+    service's read-only connections never do, and a file put at the path later would
+    be read with the frames left there. Best effort: the row is in either way."""
+    try:
+        await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as e:
+        log.warning("heartbeat slot=%s: the WAL was not emptied: %s", slot, e)
 
 
 class NotRecorded(Exception):
@@ -943,9 +953,9 @@ class Heartbeat:
                 log.exception("heartbeat slot=%s failed", slot)
 
     async def claim(self, slot: str, ran_at: str, deadline: float) -> bool:
-        """Insert the slot's row unless it is there; True if this process did. While the
-        file is locked or missing, try again every 0.2 s, in the event loop (never in a
-        thread), until the deadline or a stop."""
+        """Insert the slot's row unless it is there, then empty the WAL; True if this
+        process did. While the file is locked or missing, try again every 0.2 s, in the
+        event loop (never in a thread), until the deadline or a stop."""
         uri = f"file:{quote(os.path.abspath(self.path))}?mode=rw"  # never creates it
         while not self.stopping:
             try:
@@ -953,10 +963,9 @@ class Heartbeat:
                     await db.execute(JOB_RUNS_TABLE)
                     cursor = await db.execute(CLAIM, (slot, ran_at, os.getpid()))
                     await db.commit()
-                    # Empty the WAL now: the service's own connections, read-only,
-                    # never do, and a file put at the path would read these frames.
-                    await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                    return cursor.rowcount == 1
+                    won = cursor.rowcount == 1
+                    await empty_wal(db, slot)
+                    return won
             except sqlite3.OperationalError as e:
                 if primary_code(e) not in (
                     sqlite3.SQLITE_BUSY,

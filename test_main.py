@@ -382,6 +382,9 @@ def test_a_null_count_counts_as_zero_and_a_name_that_is_a_number_is_text(tmp_pat
         db.execute("CREATE TABLE dim_age_group (age_id INTEGER PRIMARY KEY, age_range)")
         db.execute("INSERT INTO dim_age_group SELECT * FROM old_age")
         db.execute("UPDATE dim_age_group SET age_range = 18 WHERE age_id = ?", [age_id])
+        db.execute(
+            "UPDATE dim_age_group SET age_range = 0.1 + 0.2 WHERE age_id != ?", [age_id]
+        )
         db.execute("DROP TABLE old_age")
         db.execute(
             "UPDATE fact_ad_metrics_daily SET impressions = NULL, clicks = NULL, "
@@ -401,6 +404,10 @@ def test_a_null_count_counts_as_zero_and_a_name_that_is_a_number_is_text(tmp_pat
             assert {(row.impressions, row.cost, row.ctr) for row in page.data} == {
                 (0, 0.0, None)
             }
+        [real] = [n for n in client.get("/dimensions").json()["age_group"] if n != "18"]
+        listed = {"age_group": real, "group_by": "age_group"}  # 0.1 + 0.2, as listed
+        by_age = client.get("/metrics", params=listed).json()["data"]
+        assert [row["age_group"] for row in by_age] == [real]
 
 
 def test_a_fact_row_with_an_unknown_date_matches_no_date_range(client):
@@ -898,7 +905,7 @@ def test_a_removed_file_is_a_503_naming_it_and_is_never_recreated(tmp_path):
 
 
 @pytest.mark.parametrize("how", ["renamed over it", "removed, then copied back"])
-def test_a_wal_file_replaced_after_heartbeats_is_served_and_left_whole(tmp_path, how):
+def test_a_wal_file_replaced_while_none_reads_is_served_and_left_whole(tmp_path, how):
     path, new = tmp_path / "ads.db", tmp_path / "new.db"
     for db, days in ((path, 3), (new, 6)):
         seed.seed(db, days=days, density=0.05)
@@ -1272,6 +1279,24 @@ def test_a_claim_waits_through_busy_recovery(db_path, caplog, monkeypatch):
         asyncio.run(main.Heartbeat(str(db_path), 3600).run())
     assert len(attempts) == 3 and len(job_runs(db_path)) == 1
     assert len(heartbeats(caplog)) == 1 and "failed" not in caplog.text
+
+
+def test_a_claim_that_wins_is_logged_even_if_the_wal_is_not_emptied(
+    db_path, caplog, monkeypatch
+):
+    execute = main.aiosqlite.Connection.execute
+
+    async def failing_checkpoint(self, sql, *args):
+        if sql.startswith("PRAGMA wal_checkpoint"):
+            raise sqlite3.DatabaseError("database disk image is malformed")
+        return await execute(self, sql, *args)
+
+    monkeypatch.setattr(main.aiosqlite.Connection, "execute", failing_checkpoint)
+    with caplog.at_level(logging.INFO, logger="ad_metrics"):
+        asyncio.run(main.Heartbeat(str(db_path), 3600).run())
+    assert len(job_runs(db_path)) == 1 and len(heartbeats(caplog)) == 1
+    assert "the WAL was not emptied: database disk image is malformed" in caplog.text
+    assert "failed" not in caplog.text
 
 
 def test_a_failing_run_is_logged_with_its_traceback_and_the_next_slot_runs(
@@ -1925,10 +1950,11 @@ def job_runs(path) -> list[tuple]:
 
 
 def heartbeats(caplog) -> list[str]:
+    """The heartbeat's INFO lines: one per run that recorded its slot."""
     return [
         r.getMessage()
         for r in caplog.records
-        if r.getMessage().startswith("heartbeat slot=")
+        if r.levelno == logging.INFO and r.getMessage().startswith("heartbeat slot=")
     ]
 
 
