@@ -1729,6 +1729,12 @@ def metrics(s: dict) -> dict:
 def reference(params: dict, dates_in_order=False, **_) -> tuple[list[dict], dict]:
     """Answer a /metrics query as the contract says: all groups, in order, and totals."""
 
+    wanted = {
+        dim: {v.casefold() for v in values(params, dim)}
+        for dim in DIMS
+        if values(params, dim)
+    }
+
     def matches(f):
         if ("start_date" in params or "end_date" in params) and f["day"] is None:
             return False  # a day missing from dim_date is in no range
@@ -1737,11 +1743,6 @@ def reference(params: dict, dates_in_order=False, **_) -> tuple[list[dict], dict
             <= (f["day"] or "0")
             <= params.get("end_date", "9")
         )
-        wanted = {
-            dim: {v.casefold() for v in values(params, dim)}
-            for dim in DIMS
-            if values(params, dim)
-        }
         return in_range and all(
             (label(f, d) or "\0").casefold() in names for d, names in wanted.items()
         )
