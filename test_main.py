@@ -1133,9 +1133,10 @@ def test_clients_that_leave_a_download_free_its_connection(big_db, tmp_path):
 
 def test_downloads_at_once_are_bounded_and_the_next_told_to_retry(big_db, tmp_path):
     server, url = serve(big_db, tmp_path / "server.log")
-    port = int(url.rsplit(":", 1)[1])
-    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
+    stalled = []
     try:
+        port = int(url.rsplit(":", 1)[1])
+        stalled += [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
         for download in stalled:  # each asks for 10 MB of CSV, and reads none of it
             download.sendall(b"GET /metrics?format=csv HTTP/1.1\r\nHost: x\r\n\r\n")
             assert download.recv(12) == b"HTTP/1.1 200"
