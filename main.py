@@ -902,7 +902,7 @@ async def empty_wal(db: aiosqlite.Connection, slot: str) -> None:
     try:
         await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except sqlite3.Error as e:
-        log.warning("heartbeat slot=%s: the WAL was not emptied: %s", slot, e)
+        log.warning("the WAL was not emptied after slot %s: %s", slot, e)
 
 
 class NotRecorded(Exception):
