@@ -592,14 +592,17 @@ async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
     await db.execute_fetchall(f"SELECT {columns} FROM {FACT} AS f LIMIT 0")
     tables, keyed = {}, True  # field -> (id, name) rows, in id order
     for field, (column, table, name) in NAMES.items():
-        sql = f"SELECT {column}, CAST({name} AS TEXT) FROM {table} ORDER BY 1"
+        text = name if field == "date" else f"CAST({name} AS TEXT)"  # as in rows
+        sql = f"SELECT {column}, {text} FROM {table} ORDER BY 1"
         tables[field] = await db.execute_fetchall(sql)
         if not await is_key(db, table, column):
             keyed = False
     dates = [value for _, value in tables.pop("date")]
     for value in dates:
-        if not isinstance(value, str) or date.fromisoformat(value).isoformat() != value:
-            raise ValueError(f"dim_date holds {value!r}, not a YYYY-MM-DD date")
+        with contextlib.suppress(TypeError, ValueError):
+            if date.fromisoformat(value).isoformat() == value:
+                continue
+        raise ValueError(f"dim_date holds {value!r}, not a YYYY-MM-DD date")
     names, ids = {}, {}
     for dim, rows in tables.items():
         names[dim], ids[dim] = index_names(rows)
@@ -880,11 +883,13 @@ class Database:
 
     async def close(self) -> None:
         """Stop watching; close each connection once its request is done with it."""
-        if self.watching:
-            self.watching.cancel()
-            await asyncio.wait([self.watching])
-        if self.current:
-            await self.current.pool.retire()
+        try:
+            if self.watching:
+                self.watching.cancel()
+                await asyncio.wait([self.watching])
+        finally:  # even if close() itself is cancelled: open connections keep a thread
+            if self.current:
+                await self.current.pool.retire()
 
 
 # The heartbeat ----------------------------------------------------------------------
@@ -897,8 +902,8 @@ CLAIM = "INSERT INTO job_runs VALUES (?, ?, ?) ON CONFLICT (slot) DO NOTHING"
 
 async def empty_wal(db: aiosqlite.Connection, slot: str) -> None:
     """Copy the WAL into the file and truncate it, unless a reader holds it: the
-    service's read-only connections never do, and a file put at the path later would
-    be read with the frames left there. Best effort: the row is in either way."""
+    service's read-only connections never checkpoint, and a file put at the path later
+    would be read with the frames left there. Best effort: the row is in either way."""
     try:
         await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     except sqlite3.Error as e:

@@ -410,6 +410,26 @@ def test_a_null_count_counts_as_zero_and_a_name_that_is_a_number_is_text(tmp_pat
         assert [row["age_group"] for row in by_age] == [real]
 
 
+@pytest.mark.parametrize(
+    "value, shown",
+    [("'2025-13-01'", "'2025-13-01'"), ("20250101", "'20250101'"),
+     ("CAST('2025-01-01' AS BLOB)", "b'2025-01-01'")],
+)  # fmt: skip
+def test_a_date_that_is_not_a_yyyy_mm_dd_text_stops_start_up(tmp_path, value, shown):
+    path = build_db(tmp_path / "ads.db")
+    with sqlite3.connect(path) as db:
+        db.execute(
+            f"UPDATE dim_date SET date_value = {value} WHERE date_id = ?",
+            [SHUFFLED_IDS[DAYS[0]]],
+        )
+    app = main.create_app(main.Settings(db_path=str(path)))
+    with pytest.raises(main.StartupError) as stopped, TestClient(app):
+        pass
+    assert str(stopped.value) == (
+        f"database {path} cannot be read: dim_date holds {shown}, not a YYYY-MM-DD date"
+    )
+
+
 def test_a_fact_row_with_an_unknown_date_matches_no_date_range(client):
     days = client.get("/metrics?group_by=date").json()["data"]
     assert days[0]["date"] is None  # nulls first, as SQL sorts them
@@ -1174,6 +1194,23 @@ def test_a_replaced_file_s_connections_close_once_its_last_request_gives_up(tmp_
         await database.close()
 
     asyncio.run(scenario())
+
+
+def test_a_close_cancelled_midway_still_closes_the_connections(db_path):
+    async def cancel_a_close():
+        database = main.Database(str(db_path), 10)
+        await database.check()
+        database.watching = asyncio.create_task(database.watch())
+        closing = asyncio.create_task(database.close())
+        await asyncio.sleep(0)  # close() now waits for the watcher to end
+        closing.cancel()
+        with suppress(asyncio.CancelledError):
+            await closing
+        pool = database.current.pool
+        return pool.retired, pool.watcher, pool.idle.qsize()
+
+    # Each open connection keeps a thread that would keep this process from exiting.
+    assert asyncio.run(cancel_a_close()) == (True, None, 0)
 
 
 # The heartbeat -------------------------------------------------------------------------
