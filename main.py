@@ -598,11 +598,7 @@ async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
         if not await is_key(db, table, column):
             keyed = False
     dates = [value for _, value in tables.pop("date")]
-    for value in dates:
-        with contextlib.suppress(TypeError, ValueError):
-            if date.fromisoformat(value).isoformat() == value:
-                continue
-        raise ValueError(f"dim_date holds {value!r}, not a YYYY-MM-DD date")
+    check_dates(dates)
     names, ids = {}, {}
     for dim, rows in tables.items():
         names[dim], ids[dim] = index_names(rows)
@@ -626,6 +622,15 @@ async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
         last_run=last_run,
         listing=json.dumps(listing, separators=(",", ":")).encode(),
     )
+
+
+def check_dates(dates: list) -> None:
+    """Stop at a dim_date value that is not a real date written YYYY-MM-DD."""
+    for value in dates:
+        with contextlib.suppress(TypeError, ValueError):
+            if date.fromisoformat(value).isoformat() == value:
+                continue
+        raise ValueError(f"dim_date holds {value!r}, not a YYYY-MM-DD date")
 
 
 def index_names(rows: list) -> tuple[list[str], dict[str, list[int]]]:
