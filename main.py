@@ -492,16 +492,20 @@ def statements(fields, sort, where, dates_in_id_order: bool, ids_unique: bool):
     rows = f"SELECT {values} FROM ({page}) AS p"
     if ids_unique:
         rows += joins(fields)
+    return groups, rows, answer_sql(groups, rows, fields)
+
+
+def answer_sql(groups: str, rows: str, fields: tuple) -> str:
+    """One statement: the page and the totals, as JSON, and the number of groups."""
     row = ", ".join(f"'{name}', {name}" for name in [*fields, *METRICS])
     totals = ", ".join(f"'{name}', {name}" for name in METRICS)
     sums = ", ".join(f"coalesce(sum({s}), 0) AS {s}" for s in SUMS.values())
-    answer = (
+    return (
         f"WITH {groups}, page AS ({rows}), totals AS (SELECT group_count, {OUTPUT_SQL} "
         f"FROM (SELECT count(*) AS group_count, {sums} FROM groups)) "
         f"SELECT (SELECT json_group_array(json_object({row})) FROM page), "
         f"json_object({totals}), group_count FROM totals"
     )
-    return groups, rows, answer
 
 
 def groups_sql(fields: tuple, where: str) -> str:
@@ -669,6 +673,11 @@ def unreadable(path: str, reason: object) -> Unavailable:
     return Unavailable(f"database {path} cannot be read: {reason}")
 
 
+def file_uri(path: str, mode: str) -> str:
+    """The URI that opens path with mode "ro" or "rw": never creating the file."""
+    return f"file:{quote(os.path.abspath(path))}?mode={mode}"
+
+
 def identify(path: str) -> tuple[int, int]:
     """The device and inode of the file at path: a replaced file has others."""
     try:
@@ -707,7 +716,7 @@ class Pool:
 
     async def connect(self) -> aiosqlite.Connection | None:
         """A new connection to this pool's file; None if the path names another."""
-        uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"  # never creates it
+        uri = file_uri(self.path, "ro")
         try:
             conn = await aiosqlite.connect(uri, uri=True, timeout=0)
         except sqlite3.Error as e:  # removed just now, say
@@ -966,7 +975,7 @@ class Heartbeat:
         """Insert the slot's row unless it is there, then empty the WAL; True if this
         process did. While the file is locked or missing, try again every 0.2 s, in the
         event loop (never in a thread), until the deadline or a stop."""
-        uri = f"file:{quote(os.path.abspath(self.path))}?mode=rw"  # never creates it
+        uri = file_uri(self.path, "rw")
         while not self.stopping:
             try:
                 async with aiosqlite.connect(uri, uri=True, timeout=0.05) as db:

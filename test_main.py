@@ -1139,9 +1139,7 @@ def test_clients_that_leave_a_download_free_its_connection(big_db, tmp_path):
     try:
         port = int(url.rsplit(":", 1)[1])
         for _ in range(12):  # more than the 8 connections, each left mid-download
-            with socket.create_connection(("127.0.0.1", port)) as s:
-                s.sendall(b"GET /metrics?format=csv HTTP/1.1\r\nHost: x\r\n\r\n")
-                assert s.recv(65536)  # the download has begun
+            start_download(port).close()
         # Each heavy request needs a turn and a connection those downloads held.
         statuses = [httpx.get(f"{url}/metrics?group_by=platform", timeout=10).status_code
                     for _ in range(3)]  # fmt: skip
@@ -1156,10 +1154,7 @@ def test_downloads_at_once_are_bounded_and_the_next_told_to_retry(big_db, tmp_pa
     stalled = []
     try:
         port = int(url.rsplit(":", 1)[1])
-        stalled += [socket.create_connection(("127.0.0.1", port)) for _ in range(8)]
-        for download in stalled:  # each asks for 10 MB of CSV, and reads none of it
-            download.sendall(b"GET /metrics?format=csv HTTP/1.1\r\nHost: x\r\n\r\n")
-            assert download.recv(12) == b"HTTP/1.1 200"
+        stalled += [start_download(port) for _ in range(8)]  # 10 MB each, unread
         one_more = httpx.get(f"{url}/metrics?format=csv")
         assert one_more.status_code == 503
         assert one_more.json()["detail"] == "8 downloads are under way; retry later"
@@ -1530,9 +1525,7 @@ def test_sigterm_ends_a_stalled_download_within_the_query_time_limit(big_db, tmp
     )
     try:
         wait_until(lambda: probe(f"http://127.0.0.1:{port}/health"), timeout=30)
-        stalled = socket.create_connection(("127.0.0.1", port))
-        stalled.sendall(b"GET /metrics?format=csv HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert stalled.recv(100).startswith(b"HTTP/1.1 200")  # and reads no more
+        stalled = start_download(port)  # and reads no more
         time.sleep(0.5)
         asked = time.monotonic()
         server.send_signal(signal.SIGTERM)
@@ -2055,6 +2048,14 @@ def stop(server: subprocess.Popen) -> int:
         return server.wait(timeout=10)
     finally:
         server.kill()
+
+
+def start_download(port: int) -> socket.socket:
+    """Ask for every row as CSV over a raw socket; return it once the 200 has begun."""
+    download = socket.create_connection(("127.0.0.1", port))
+    download.sendall(b"GET /metrics?format=csv HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert download.recv(12) == b"HTTP/1.1 200"
+    return download
 
 
 def probe(url: str):
