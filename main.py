@@ -1,10 +1,13 @@
 """Ad Metrics API: daily advertising metrics from a SQLite star schema.
 
-GET /metrics filters, groups, sorts and pages the metrics, with totals, as JSON or
-CSV; GET /dimensions lists the values to filter by; GET /health reports on the
-database and on the heartbeat, a job that records one run per 6-hour UTC slot across
-all workers. Read top down: settings, models, routes, then the SQL, the database,
-the heartbeat and start-up.
+GET /metrics filters, groups, sorts and pages the metrics, with totals, as JSON or CSV;
+GET /dimensions lists the values to filter by; GET /health reports on the data file and
+on the heartbeat, an async job that logs one run per 6-hour UTC slot across workers.
+
+Read top down: the contract (settings, models, routes), then the machinery (SQL, the
+database, the heartbeat, start-up). The data file is only ever read; what the service
+remembers of it is keyed on its signature, taken once a request; a connection is
+checked when it is lent, and closed when in doubt.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
-import functools
 import hashlib
 import io
 import json
@@ -22,57 +24,56 @@ import os
 import sqlite3
 import sys
 import time
-from bisect import bisect_left, bisect_right
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Annotated, Literal
 from urllib.parse import quote, unquote_plus
 
 import aiosqlite
-import pydantic
 import uvicorn
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, ValidationError
 
 log = logging.getLogger("ad_metrics")
 
 # Settings ---------------------------------------------------------------------------
 
+Level = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
 
 class Settings(BaseModel):
-    """The configuration; `Settings.from_env(os.environ)` reads it once."""
+    """The configuration, read once from the environment by `from_env`."""
 
     model_config = ConfigDict(frozen=True, validate_by_name=True)
     db_path: str = Field("ads.db", alias="ADS_DB")
+    heartbeat_db: str = Field("heartbeat.db", alias="HEARTBEAT_DB")
     host: str = Field("127.0.0.1", alias="HOST")
     port: int = Field(8000, alias="PORT", ge=1, le=65535)
     heartbeat_interval: int = Field(21600, alias="HEARTBEAT_INTERVAL_SECONDS", ge=1)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", alias="LOG_LEVEL"
-    )
-    # The time a request may spend waiting for a connection and running its query.
+    log_level: Level = Field("INFO", alias="LOG_LEVEL")
+    # The whole time a request may spend waiting for a connection and running.
     query_timeout: float = Field(10, alias="QUERY_TIMEOUT_SECONDS", gt=0, le=3600)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Read the variables, or stop with one line that names a bad one."""
-        names = {field.alias for field in cls.model_fields.values()}  # ADS_DB, …
-        values = {name: value for name, value in env.items() if name in names}
-        level = values.get("LOG_LEVEL", "INFO").upper()
+        """Read the documented variables, or stop with one line naming a bad one."""
+        names = [field.alias for field in cls.model_fields.values()]
+        values = {name: env[name] for name in names if name in env}
+        if "LOG_LEVEL" in values:
+            values["LOG_LEVEL"] = values["LOG_LEVEL"].upper()
         try:
-            return cls.model_validate({**values, "LOG_LEVEL": level})
-        except pydantic.ValidationError as e:
-            bad = e.errors()[0]
-            raise SystemExit(
-                f"{bad['loc'][0]} {bad['input']!r}: {bad['msg']}"
-            ) from None
+            return cls.model_validate(values)
+        except ValidationError as e:
+            error = e.errors()[0]
+            line = f"{error['loc'][0]} {error['input']!r}: {error['msg']}"
+            raise SystemExit(line) from None
 
 
 # The request and response models ----------------------------------------------------
@@ -92,14 +93,7 @@ GRAIN = ["date", *DIMENSIONS]  # the default breakdown: one row per fact row
 BASE_METRICS = ["impressions", "clicks", "cost", "conversions", "likes"]
 RATIOS = ["ctr", "cpc", "cpm", "cpa", "conversion_rate"]
 METRICS = BASE_METRICS + RATIOS
-
-
-def filter_field(dim: str):
-    return Field(
-        default_factory=list,
-        description=f"Keep only these {dim} values (see /dimensions), any case: repeat "
-        "the parameter or separate values with commas; a known name is taken whole.",
-    )
+NAMES = "Keep only these names (see /dimensions), in any case; repeat or use commas."
 
 
 class MetricsQuery(BaseModel):
@@ -108,21 +102,19 @@ class MetricsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     start_date: date | None = Field(None, description="First day, YYYY-MM-DD.")
     end_date: date | None = Field(None, description="Last day, YYYY-MM-DD.")
-    region: list[str] = filter_field("region")
-    age_group: list[str] = filter_field("age_group")
-    gender: list[str] = filter_field("gender")
-    platform: list[str] = filter_field("platform")
-    placement: list[str] = filter_field("placement")
-    device_type: list[str] = filter_field("device_type")
+    region: list[str] = Field(default_factory=list, description=NAMES)
+    age_group: list[str] = Field(default_factory=list, description=NAMES)
+    gender: list[str] = Field(default_factory=list, description=NAMES)
+    platform: list[str] = Field(default_factory=list, description=NAMES)
+    placement: list[str] = Field(default_factory=list, description=NAMES)
+    device_type: list[str] = Field(default_factory=list, description=NAMES)
     group_by: list[Literal[*GROUP_FIELDS]] = Field(
         default_factory=lambda: list(GRAIN),
-        description="The breakdown, in output order; at most one of date, week and "
-        "month. Default: the seven fact dimensions, one row per fact row.",
+        description="The breakdown; at most one of date, week and month.",
     )
     sort: list[str] = Field(
         default_factory=list,
-        description="Grouped fields or metrics to sort by, '-' for descending; the "
-        f"group_by fields then break ties. Metrics: {', '.join(METRICS)}.",
+        description="Output fields, '-' for descending; then group_by breaks ties.",
     )
     limit: int = Field(100, ge=1, le=1000, description="Rows per page; CSV: all rows.")
     offset: int = Field(0, ge=0, le=2**63 - 1, description="Rows to skip.")
@@ -130,22 +122,17 @@ class MetricsQuery(BaseModel):
 
     @field_validator("start_date", "end_date", mode="before")
     @classmethod
-    def iso_date(cls, value: object, info: ValidationInfo) -> object:
-        """Accept YYYY-MM-DD only, and only real dates."""
-        if not isinstance(value, str):
-            return value
-        problem = "is not a date in YYYY-MM-DD form"
-        if len(value) == 10 and value[4] == value[7] == "-":
-            with contextlib.suppress(ValueError):
-                return date.fromisoformat(value)
-            problem = "is not a real date"
-        message = f"{info.field_name} {shorten(value)} {problem}"
-        raise PydanticCustomError("date_parsing", message)
+    def real_date(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, str) and not iso_date(value):
+            message = f"{info.field_name} {shorten(value)} is no YYYY-MM-DD date"
+            raise PydanticCustomError("date_parsing", message)
+        return value
 
     @field_validator("end_date")
     @classmethod
     def end_after_start(cls, end: date | None, info: ValidationInfo) -> date | None:
-        if (start := info.data.get("start_date")) and end and end < start:
+        start = info.data.get("start_date")
+        if start and end and end < start:
             message = f"end_date {end} is before start_date {start}"
             raise PydanticCustomError("value_error", message)
         return end
@@ -153,11 +140,10 @@ class MetricsQuery(BaseModel):
     @field_validator("group_by", mode="before")
     @classmethod
     def check_group_by(cls, values: list[str]) -> list[str]:
-        """Known fields, each once, and at most one of date, week and month."""
-        fields = [item.strip() for value in values for item in value.split(",")]
-        if error := first_error("group_by", fields, GROUP_FIELDS, key=str):
-            raise error
-        if len(periods := [field for field in fields if field in PERIODS]) > 1:
+        fields = split(values)
+        check("group_by", fields, GROUP_FIELDS, key=str)
+        periods = [field for field in fields if field in PERIODS]
+        if len(periods) > 1:
             message = f"group_by takes one of date, week and month, not {periods}"
             raise PydanticCustomError("value_error", message)
         return fields
@@ -165,11 +151,9 @@ class MetricsQuery(BaseModel):
     @field_validator("sort")
     @classmethod
     def check_sort(cls, values: list[str], info: ValidationInfo) -> list[str]:
-        """Output fields, each once, '-' for descending."""
-        items = [item.strip() for value in values for item in value.split(",")]
+        items = split(values)
         valid = [*info.data.get("group_by", GROUP_FIELDS), *METRICS]
-        if error := first_error("sort", items, valid, lambda s: s.removeprefix("-")):
-            raise error
+        check("sort", items, valid, key=lambda item: item.removeprefix("-"))
         return items
 
 
@@ -177,19 +161,18 @@ class Metrics(BaseModel):
     model_config = ConfigDict(extra="forbid")
     impressions: int
     clicks: int
-    cost: float = Field(description="In the data's currency, rounded to cents.")
+    cost: float = Field(description="Rounded to cents.")
     conversions: int
     likes: int
-    ctr: float | None = Field(description="clicks / impressions, or null")
-    cpc: float | None = Field(description="cost / clicks, or null")
-    cpm: float | None = Field(description="1000 * cost / impressions, or null")
-    cpa: float | None = Field(description="cost / conversions, or null")
-    conversion_rate: float | None = Field(description="conversions / clicks, or null")
+    ctr: float | None = Field(description="clicks / impressions; null if 0 / 0")
+    cpc: float | None = Field(description="cost / clicks")
+    cpm: float | None = Field(description="1000 * cost / impressions")
+    cpa: float | None = Field(description="cost / conversions")
+    conversion_rate: float | None = Field(description="conversions / clicks")
 
 
 class Row(Metrics):
-    """A group: its group_by fields first, in group_by order (a name is null when its
-    id is missing from its table), then the metrics."""
+    """A group: its group_by fields (a name is null if its id is not in its table)."""
 
     date: str | None = Field(None, description="YYYY-MM-DD")
     week: str | None = Field(None, description="The week's Monday, YYYY-MM-DD")
@@ -215,10 +198,28 @@ class MetricsPage(BaseModel):
     paging: Paging
 
 
+class Dimensions(BaseModel):
+    date: dict[str, str | None] = Field(description="The first and the last date.")
+    region: list[str]
+    age_group: list[str]
+    gender: list[str]
+    platform: list[str]
+    placement: list[str]
+    device_type: list[str]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    reason: str | None = Field(None, description="Why the data cannot be read.")
+    scheduler: dict = Field(description="The heartbeat's schedule and latest run.")
+
+
 # The routes -------------------------------------------------------------------------
 
+router = APIRouter()
 
-async def get_database(request: Request) -> Database:  # async: no thread hop
+
+async def get_database(request: Request) -> Database:
     return request.app.state.database
 
 
@@ -229,59 +230,64 @@ async def get_heartbeat(request: Request) -> Heartbeat:
 DatabaseDep = Annotated["Database", Depends(get_database)]
 HeartbeatDep = Annotated["Heartbeat", Depends(get_heartbeat)]
 NOT_MODIFIED = {304: {"description": "If-None-Match holds the current ETag."}}
-UNAVAILABLE = {503: {"description": "The database cannot answer; detail says why."}}
-CSV_ANSWER = {200: {"content": {"text/csv": {}}, "description": "JSON, or CSV rows."}}
+UNAVAILABLE = {503: {"description": "The data cannot be read now; detail says why."}}
+CSV = {200: {"content": {"text/csv": {}}}}
 
 
+@router.get("/metrics", response_model=MetricsPage, responses=CSV | NOT_MODIFIED)
 async def get_metrics(
-    request: Request, query: Annotated[MetricsQuery, Query()], database: DatabaseDep
+    request: Request, query: Annotated[MetricsQuery, Query()], db: DatabaseDep
 ) -> Response:
-    """Return metrics grouped by `group_by`, filtered, sorted and paged, with totals.
-    Example: `/metrics?start_date=2025-03-01&platform=Instagram&sort=-cost`"""
-    snapshot = database.snapshot()
-    filters = resolve_filters(query, snapshot)
-    headers = cache_headers(request, snapshot.version)  # or a 304, with no query run
-    groups, rows, page, params = metrics_sql(query, filters, snapshot)
-    heavy = share_read(query, filters, snapshot) > HEAVY_SHARE
-    if query.format == "csv":
-        limit = query.limit if "limit" in query.model_fields_set else -1  # -1: all
-        sql, params = f"WITH {groups} {rows}", [*params, limit, query.offset]
-        chunks = database.export(snapshot, sql, params, heavy)
-        first = await anext(chunks)  # the first rows, within the time limit
-        headers["Content-Disposition"] = 'attachment; filename="metrics.csv"'
-        body = csv_text([*query.group_by, *METRICS], first, chunks)
-        return StreamingResponse(body, media_type="text/csv", headers=headers)
-    params += [query.limit, query.offset]
-    [(data, totals, total_rows)] = await database.fetch(snapshot, page, params, heavy)
+    """Return metrics grouped by `group_by`, filtered, sorted and paged, with totals."""
+    async with db.time_limit():
+        file = db.signature()
+        catalog = await db.catalog(file)
+        filters = resolve_filters(query, catalog)
+        headers = cache_headers(request, file)  # or a 304 now, with no query run
+        sql, params = metrics_sql(query, filters, catalog.dates_in_id_order)
+        if query.format == "csv":
+            limit = query.limit if "limit" in query.model_fields_set else -1  # all
+            rows = db.export(file, sql, [*params, limit, query.offset])
+            return csv_response(query, await anext(rows), rows, headers)
+        params += [query.limit, query.offset]
+        [(data, totals, total_rows)] = await db.fetch(file, sql, params)
     paging = {"limit": query.limit, "offset": query.offset, "total_rows": total_rows}
     paging["next"] = next_page(request, query, total_rows)
-    paging = json.dumps(paging, separators=(",", ":"))  # as compact as SQLite's
+    paging = json.dumps(paging, separators=(",", ":"))
     body = f'{{"data":{data},"totals":{totals},"paging":{paging}}}'
+    MetricsPage.model_validate_json(body)  # the answer holds to its model, or a 500
     return Response(body, media_type="application/json", headers=headers)
 
 
-async def get_dimensions(request: Request, database: DatabaseDep) -> Response:
-    """List each dimension's values, in their table's order, and the range of dates."""
-    snapshot = database.snapshot()
-    headers = cache_headers(request, snapshot.version)
-    return Response(snapshot.listing, media_type="application/json", headers=headers)
+@router.get("/dimensions", response_model=Dimensions, responses=NOT_MODIFIED)
+async def get_dimensions(request: Request, response: Response, db: DatabaseDep):
+    """List each dimension's names in their table's order, and the range of dates."""
+    async with db.time_limit():
+        file = db.signature()
+        catalog = await db.catalog(file)
+    response.headers.update(cache_headers(request, file))
+    return catalog.dimensions
 
 
-async def health(database: DatabaseDep, heartbeat: HeartbeatDep) -> JSONResponse:
-    """Report whether the database can be read, and the heartbeat's schedule and run."""
+@router.get("/health", response_model=Health, response_model_exclude_none=True)
+async def health(response: Response, db: DatabaseDep, heartbeat: HeartbeatDep):
+    """Say whether the data file can be read, and how the heartbeat is doing."""
+    scheduler = await heartbeat.state()
     try:
-        last_run = database.snapshot().last_run
-    except Unavailable as e:
-        body = {"status": "unavailable", "reason": e.detail}
-        return JSONResponse(body | {"scheduler": heartbeat.state(None)}, 503)
-    return JSONResponse({"status": "ok", "scheduler": heartbeat.state(last_run)})
+        async with db.time_limit():
+            await db.catalog(db.signature())
+    except HTTPException as e:
+        response.status_code = e.status_code
+        return Health(status="unavailable", reason=e.detail, scheduler=scheduler)
+    return Health(status="ok", scheduler=scheduler)
 
 
 async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
     """FastAPI's standard 422 body, each message naming its parameter and value."""
     detail = jsonable_encoder(error.errors())
     for e in detail:
-        if not e["msg"].startswith(name := str(e["loc"][-1])):  # pydantic's own
+        name = str(e["loc"][-1])
+        if not e["msg"].startswith(name):  # pydantic's own words: say who and what
             e["msg"] = f"{name} {shorten(str(e.get('input')))}: {e['msg']}"
     return JSONResponse({"detail": detail}, status_code=422)
 
@@ -292,17 +298,18 @@ async def internal_error(request: Request, error: Exception) -> JSONResponse:
 
 
 class Unavailable(HTTPException):
-    """The database cannot answer now: a 503 whose detail says why."""
+    """The data cannot be read now: a 503 whose detail says why and what to do."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(503, reason)
 
 
-def cache_headers(request: Request, version: str) -> dict[str, str]:
-    """Tag the answer by the data's version and the request; or raise a 304 at once
-    if the client's If-None-Match holds that tag (a weak match, as RFC 9110 says)."""
-    key = f"{version} {request.scope['path']}?".encode() + request.scope["query_string"]
-    tag = f'"{hashlib.blake2b(key, digest_size=12).hexdigest()}"'
+def cache_headers(request: Request, file: Signature) -> dict[str, str]:
+    """Tag the answer by the file's signature and the request; 304 if it matches."""
+    key = f"{file} {request.scope['path']}?".encode() + request.scope["query_string"]
+    if not file.settled():  # this answer's own tag, which no later request matches
+        key += os.urandom(16)
+    tag = f'"{hashlib.blake2b(key, digest_size=16).hexdigest()}"'
     headers = {"ETag": tag, "Cache-Control": "no-cache"}  # always revalidate
     given = request.headers.get("if-none-match", "").split(",")
     if any(t.strip().removeprefix("W/") in (tag, "*") for t in given):
@@ -312,33 +319,30 @@ def cache_headers(request: Request, version: str) -> dict[str, str]:
 
 def next_page(request: Request, query: MetricsQuery, total_rows: int) -> str | None:
     """The next page's URL: the client's own query string with a new offset."""
-    if (offset := query.offset + query.limit) >= total_rows:
+    offset = query.offset + query.limit
+    if offset >= total_rows:
         return None
     given = request.scope["query_string"].decode("latin-1").split("&")
     kept = [p for p in given if unquote_plus(p.split("=")[0]) not in ("", "offset")]
     return f"{request.scope['path']}?{'&'.join([*kept, f'offset={offset}'])}"
 
 
-async def csv_text(
-    header: list, first_rows: list, rest: AsyncIterator
-) -> AsyncIterator:
-    """Write the header and the rows as CSV (RFC 4180; None as ""), chunk by chunk."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\r\n")
-    writer.writerow(header)
-    rows = first_rows
-    try:
-        while rows is not None:
-            writer.writerows(rows)
-            yield out.getvalue()
-            out.seek(0)
-            out.truncate()
-            rows = await anext(rest, None)
-    finally:  # also when the client left (a response cut short: when collected)
-        await rest.aclose()
+def csv_response(query: MetricsQuery, first: list, rest, headers: dict):
+    """The rows as a CSV download (RFC 4180; null is an empty field), streamed."""
 
+    async def text() -> AsyncIterator[str]:
+        rows = [[*query.group_by, *METRICS], *first]
+        try:
+            while rows:
+                out = io.StringIO()
+                csv.writer(out, lineterminator="\r\n").writerows(rows)
+                yield out.getvalue()
+                rows = await anext(rest, None)
+        finally:  # also when the client leaves: the statement stops
+            await rest.aclose()
 
-# Filter values and their errors -------------------------------------------------------
+    headers["Content-Disposition"] = 'attachment; filename="metrics.csv"'
+    return StreamingResponse(text(), media_type="text/csv", headers=headers)
 
 
 def shorten(value: str) -> str:
@@ -346,37 +350,51 @@ def shorten(value: str) -> str:
     return repr(value if len(value) <= 60 else value[:60] + "…")
 
 
-def first_error(name: str, items: list[str], valid: list[str], key=str.casefold):
-    """The first item that is empty, not one of `valid` or repeated, as an error;
-    items are compared by key (a name's, folded; a sort field's, without its '-')."""
-    known, keys = {key(v) for v in valid}, [key(item) for item in items]
-    for i, item in enumerate(items):
-        if not item:
-            return PydanticCustomError("string_too_short", f"{name} has an empty value")
-        if keys[i] not in known:
-            message = f"{name} {shorten(item)} is not one of: {', '.join(valid)}"
-            return PydanticCustomError("literal_error", message)
-        if keys[i] in keys[:i]:
-            message = f"{name} lists {shorten(item)} more than once"
-            return PydanticCustomError("value_error", message)
+def iso_date(value: object) -> date | None:
+    """The date that value writes as YYYY-MM-DD; None if it is no such text."""
+    if isinstance(value, str) and len(value) == 10 and value[4] == value[7] == "-":
+        with contextlib.suppress(ValueError):
+            return date.fromisoformat(value)
     return None
 
 
-def resolve_filters(query: MetricsQuery, snapshot: Snapshot) -> dict[str, list[int]]:
-    """Map each filter's names to ids, or answer 422 naming each filter's first bad
-    value. Values are split on commas, but a known name is taken whole."""
+def split(values: list[str]) -> list[str]:
+    """Repeated and comma-separated values, as one list."""
+    return [item.strip() for value in values for item in value.split(",")]
+
+
+def check(name: str, items: list[str], valid: list[str], key=str.casefold) -> None:
+    """Raise an error for the first item that is empty, unknown or repeated."""
+    known, seen = {key(v) for v in valid}, set()
+    for item in items:
+        if not item:
+            raise PydanticCustomError("string_too_short", f"{name} has an empty value")
+        if key(item) not in known:
+            message = f"{name} {shorten(item)} is not one of: {', '.join(valid)}"
+            raise PydanticCustomError("literal_error", message)
+        if key(item) in seen:
+            message = f"{name} lists {shorten(item)} more than once"
+            raise PydanticCustomError("value_error", message)
+        seen.add(key(item))
+
+
+def resolve_filters(query: MetricsQuery, catalog: Catalog) -> dict[str, list[int]]:
+    """Each filter's names as ids, or a 422 naming each filter's first bad value.
+    Values are split on commas, but a value that is a known name is taken whole."""
     filters, errors = {}, []
     for dim in DIMENSIONS:
-        if not (values := getattr(query, dim)):
-            continue
-        ids, names = snapshot.ids[dim], []
+        values, ids = getattr(query, dim), catalog.ids[dim]
+        names = []
         for value in values:
-            names += [value] if value.strip().casefold() in ids else value.split(",")
-        names = [name.strip() for name in names]
-        if error := first_error(dim, names, snapshot.names[dim]):
-            loc, msg = ("query", dim), error.message()
-            errors.append({"type": error.type, "loc": loc, "msg": msg, "input": values})
-        else:
+            whole = value.strip().casefold() in ids
+            names += [value.strip()] if whole else split([value])
+        try:
+            check(dim, names, getattr(catalog.dimensions, dim))
+        except PydanticCustomError as e:
+            loc, msg = ("query", dim), e.message()
+            errors.append({"type": e.type, "loc": loc, "msg": msg, "input": values})
+            continue
+        if names:
             filters[dim] = [i for name in names for i in ids[name.casefold()]]
     if errors:
         raise RequestValidationError(errors)
@@ -384,728 +402,446 @@ def resolve_filters(query: MetricsQuery, snapshot: Snapshot) -> dict[str, list[i
 
 
 # How a query becomes SQL ------------------------------------------------------------
-# Identifiers come only from the names above; every value is a parameter.
+# Identifiers come only from the tables above; every value is a parameter.
 
-
-def ratio(n: str, d: str) -> str:
-    """SQL for n / d to 6 decimals, exactly, from integers, a half away from zero (a
-    refund's cost is negative): SQLite's integer division truncates toward zero, so
-    the millionths are (2,000,000 n ± d) div 2d, |d| added to |2,000,000 n|; null
-    when d is 0."""
-    half = f"iif(({n} < 0) = ({d} < 0), {d}, -{d})"
-    return f"(2000000 * {n} + {half}) / NULLIF(2 * {d}, 0) / 1e6"
-
-
-# Counts as integers (a user's file may hold 5.0), and the cost in whole cents; a
-# null, as in the totals, is 0.
-N = {m: f"CAST(coalesce({m}, 0) AS INTEGER)" for m in BASE_METRICS if m != "cost"}
-CENTS = "CAST(round(100 * coalesce(cost_sum, 0)) AS INTEGER)"
-OUTPUT = {  # each output metric, from a group's sums
-    "impressions": N["impressions"],
-    "clicks": N["clicks"],
-    "cost": f"{CENTS} / 100.0",
-    "conversions": N["conversions"],
-    "likes": N["likes"],
-    "ctr": ratio(N["clicks"], N["impressions"]),
-    "cpc": ratio(CENTS, f"100 * {N['clicks']}"),
-    "cpm": ratio(f"10 * {CENTS}", N["impressions"]),
-    "cpa": ratio(CENTS, f"100 * {N['conversions']}"),
-    "conversion_rate": ratio(N["conversions"], N["clicks"]),
+KEYS = {"date": "date_id", "week": "week", "month": "month"} | {
+    dim: column for dim, (column, _, _) in DIMENSIONS.items()
 }
-OUTPUT_SQL = ", ".join(f"{sql} AS {name}" for name, sql in OUTPUT.items())
-SUMS = {m: "cost_sum" if m == "cost" else m for m in BASE_METRICS}  # names in groups
-COLUMNS = {  # each group_by field's column in groups
-    "date": "date_id",
-    "week": "week",
-    "month": "month",
-    **{dim: column for dim, (column, _, _) in DIMENSIONS.items()},
+# A group_by field's value in a page row p. A name comes by a scalar subquery, which
+# can never double a row, whatever keys the user's tables declare.
+LABELS = {
+    "date": "(SELECT date_value FROM dim_date WHERE date_id = p.date_id)",
+    "week": "p.week",
+    "month": "p.month",
+} | {
+    dim: f"(SELECT CAST({name} AS TEXT) FROM {table} WHERE {column} = p.{column})"
+    for dim, (column, table, name) in DIMENSIONS.items()
 }
-NAMES = {"date": ("date_id", "dim_date", "date_value"), **DIMENSIONS}  # labelled
-DAY = "(SELECT date_value FROM dim_date WHERE date_id = day.date_id)"
-LABELS = {  # a period's label from its day, as a plain date
-    "week": f"date({DAY}, 'weekday 0', '-6 days')",  # the week's Monday
+DAY = "(SELECT date_value FROM dim_date WHERE date_id = d.date_id)"
+WEEK_OR_MONTH = {  # of a day d
+    "week": f"date({DAY}, 'weekday 0', '-6 days')",  # its Monday
     "month": f"substr({DAY}, 1, 7)",
 }
-# A query that reads more than this share of the fact rows waits for one of the
-# heavy turns, one per core: light queries then always find a connection (their p99
-# in the bench's soak, 32 clients: 5.1 s without the turns, 182 ms with them).
-HEAVY_SHARE = 0.1
+# Each metric of a row or of the totals, from their sums.
+OUTPUT = {
+    "impressions": "CAST(impressions AS INTEGER)",
+    "clicks": "CAST(clicks AS INTEGER)",
+    "cost": "round(cost, 2)",
+    "conversions": "CAST(conversions AS INTEGER)",
+    "likes": "CAST(likes AS INTEGER)",
+    "ctr": "round(1.0 * clicks / nullif(impressions, 0), 6)",
+    "cpc": "round(1.0 * cost / nullif(clicks, 0), 6)",
+    "cpm": "round(1000.0 * cost / nullif(impressions, 0), 6)",
+    "cpa": "round(1.0 * cost / nullif(conversions, 0), 6)",
+    "conversion_rate": "round(1.0 * conversions / nullif(clicks, 0), 6)",
+}
+SUMS = ", ".join(f"coalesce(sum({m}), 0) AS {m}" for m in BASE_METRICS)  # null: 0
+
+# The groups, and a page of them in order with their metrics.
+PAGE_SQL = """WITH groups AS {materialized} ({groups}),
+page AS (SELECT {keys}, {metrics} FROM groups ORDER BY {order} LIMIT ? OFFSET ?)"""
+# The JSON answer in one row: the page, the totals and the number of groups.
+JSON_SQL = """{page}
+SELECT (SELECT json_group_array(json_object({row})) FROM page AS p),
+       json_object({totals}), total_rows
+FROM (SELECT count(*) AS total_rows, {sums} FROM groups)"""
+# The CSV answer: the page's rows, numbers written as in JSON (0.493256, where
+# Python would write the same double as 0.49325600000000003).
+CSV_SQL = "{page} SELECT {labels}, {numbers} FROM page AS p"
 
 
-def share_read(query: MetricsQuery, filters: dict, snapshot: Snapshot) -> float:
-    """The share of the fact rows a query reads, were they spread evenly."""
-    first = bisect_left(snapshot.dates, str(query.start_date or date.min))
-    last = bisect_right(snapshot.dates, str(query.end_date or date.max))
-    share = (last - first) / max(1, len(snapshot.dates))
-    for dim, ids in filters.items():
-        share *= len(ids) / max(1, len(snapshot.names[dim]))
-    return share
-
-
-def metrics_sql(query: MetricsQuery, filters: dict, snapshot: Snapshot) -> tuple:
-    """Return the SQL of a query's groups (a CTE), of its rows in order, and of its
-    JSON answer, with the parameters that come before LIMIT and OFFSET."""
-    where, params = [], []
-    if query.start_date or query.end_date:  # a date not in dim_date is in no range
-        days = "SELECT date_id FROM dim_date WHERE date_value BETWEEN ? AND ?"
-        where.append(f"f.date_id IN ({days})")
-        params += [str(query.start_date or date.min), str(query.end_date or date.max)]
-    for dim, ids in filters.items():  # a placeholder per value: SQLite seeks on each
-        where.append(f"f.{DIMENSIONS[dim][0]} IN ({', '.join('?' * len(ids))})")
-        params += ids
-    where_sql = f" WHERE {' AND '.join(where)}" if where else ""
-    fields = tuple(query.group_by)
-    shape = (tuple(query.sort), where_sql, snapshot.dates_in_id_order)
-    return *statements(fields, *shape, snapshot.ids_unique), params
-
-
-@functools.lru_cache(maxsize=1024)  # a shape's SQL, built once: it took 80 µs
-def statements(fields, sort, where, dates_in_id_order: bool, ids_unique: bool):
-    """The SQL for a query of this shape. For `group_by=month,region&sort=-cost`
-    `&region=Africa&start_date=2025-01-01&end_date=2025-03-31`:
-
-    groups  the matching facts added up per group, once (MATERIALIZED); weeks and
-            months from the days' sums, a few rows a day:
-        groups(month, region_id, impressions, clicks, cost_sum, …) AS MATERIALIZED (
-          SELECT substr(<the day's date_value>, 1, 7), day.region_id, sum(…), …
-          FROM (SELECT f.date_id, f.region_id, sum(f.impressions) AS impressions, …
-                FROM fact_ad_metrics_daily AS f
-                WHERE f.date_id IN (SELECT date_id FROM dim_date
-                                    WHERE date_value BETWEEN ? AND ?)
-                  AND f.region_id IN (?)
-                GROUP BY 1, 2) AS day
-          GROUP BY 1, 2)
-    rows    a page of groups in order, then their names (null for a missing id):
-        SELECT p.month AS month, dim_region.region_name AS region, …
-        FROM (SELECT g.month, g.region_id, <the ten metrics> FROM groups AS g
-              ORDER BY cost DESC, g.month, g.region_id LIMIT ? OFFSET ?) AS p
-        LEFT JOIN dim_region ON dim_region.region_id = p.region_id
-    page    one statement: the page and the totals as JSON, and the group count.
-    """
-    groups = groups_sql(fields, where)
-    columns = ", ".join(f"g.{COLUMNS[field]}" for field in fields)
-    order = order_by(fields, sort, dates_in_id_order)
-    page = f"SELECT {columns}, {OUTPUT_SQL} FROM groups AS g ORDER BY {order}"
-    page += " LIMIT ? OFFSET ?"
-    labels = [label(field, ids_unique) for field in fields]
-    values = ", ".join([*labels, *(f"p.{m} AS {m}" for m in METRICS)])
-    rows = f"SELECT {values} FROM ({page}) AS p"
-    if ids_unique:
-        rows += joins(fields)
-    return groups, rows, answer_sql(groups, rows, fields)
-
-
-def answer_sql(groups: str, rows: str, fields: tuple) -> str:
-    """One statement: the page and the totals, as JSON, and the number of groups."""
-    row = ", ".join(f"'{name}', {name}" for name in [*fields, *METRICS])
-    totals = ", ".join(f"'{name}', {name}" for name in METRICS)
-    sums = ", ".join(f"coalesce(sum({s}), 0) AS {s}" for s in SUMS.values())
-    return (
-        f"WITH {groups}, page AS ({rows}), totals AS (SELECT group_count, {OUTPUT_SQL} "
-        f"FROM (SELECT count(*) AS group_count, {sums} FROM groups)) "
-        f"SELECT (SELECT json_group_array(json_object({row})) FROM page), "
-        f"json_object({totals}), group_count FROM totals"
+def metrics_sql(query: MetricsQuery, filters: dict, dates_in_id_order: bool):
+    """The statement that answers a query, and its parameters but LIMIT and OFFSET."""
+    where, params = where_sql(query, filters)
+    groups, materialized = groups_sql(query.group_by, where)
+    page = PAGE_SQL.format(
+        materialized=materialized,
+        groups=groups,
+        keys=", ".join(KEYS[field] for field in query.group_by),
+        metrics=", ".join(f"{OUTPUT[m]} AS {m}" for m in METRICS),
+        order=order_sql(query.group_by, query.sort, dates_in_id_order),
     )
+    if query.format == "csv":
+        labels = ", ".join(LABELS[field] for field in query.group_by)
+        numbers = ", ".join(f"CAST(p.{m} AS TEXT)" for m in METRICS)
+        return CSV_SQL.format(page=page, labels=labels, numbers=numbers), params
+    row = [f"'{f}', {LABELS[f]}" for f in query.group_by]
+    row += [f"'{m}', p.{m}" for m in METRICS]
+    totals = ", ".join(f"'{m}', {OUTPUT[m]}" for m in METRICS)
+    sql = JSON_SQL.format(page=page, row=", ".join(row), totals=totals, sums=SUMS)
+    return sql, params
 
 
-def groups_sql(fields: tuple, where: str) -> str:
-    """The CTE `groups`: a row per group, its keys and its sums."""
-    names = ", ".join([*(COLUMNS[field] for field in fields), *SUMS.values()])
-    by = ", ".join(map(str, range(1, len(fields) + 1)))
+def where_sql(query: MetricsQuery, filters: dict) -> tuple[str, list]:
+    """The facts' WHERE clause, and its parameters."""
+    terms, params = [], []
+    if query.start_date or query.end_date:  # a date missing from dim_date: in none
+        days = "SELECT date_id FROM dim_date WHERE date_value BETWEEN ? AND ?"
+        terms.append(f"date_id IN ({days})")
+        params += [str(query.start_date or date.min), str(query.end_date or date.max)]
+    for dim, ids in filters.items():  # a placeholder per id: SQLite seeks on each
+        terms.append(f"{DIMENSIONS[dim][0]} IN ({', '.join('?' * len(ids))})")
+        params += ids
+    return (" WHERE " + " AND ".join(terms) if terms else ""), params
+
+
+def groups_sql(fields: list[str], where: str) -> tuple[str, str]:
+    """Each group's keys and sums, and whether to keep them or read them as needed."""
+    keys = ", ".join(KEYS[field] for field in fields)
     if set(fields) == set(GRAIN):  # each fact row is a group: nothing to add up
-        keys = ", ".join(f"f.{COLUMNS[field]}" for field in fields)
-        metrics = ", ".join(f"f.{m}" for m in BASE_METRICS)
-        select = f"SELECT {keys}, {metrics} FROM {FACT} AS f{where}"
-        # Not materialized: read in key order, the page stops at its last row.
-        return f"groups({names}) AS NOT MATERIALIZED ({select})"
-    period = next((field for field in fields if field in LABELS), None)
-    day_fields = ["date", *fields] if period else fields
-    keys = ", ".join(f"f.{COLUMNS[f]}" for f in day_fields if f != period)
-    sums = ", ".join(f"sum(f.{m}) AS {s}" for m, s in SUMS.items())
-    select = f"SELECT {keys}, {sums} FROM {FACT} AS f{where} GROUP BY {by}"
-    if period:  # then add up the days of each week or month
-        keys = ", ".join(
-            LABELS[f] if f == period else f"day.{COLUMNS[f]}" for f in fields
-        )
-        sums = ", ".join(f"sum(day.{s})" for s in SUMS.values())
-        select = f"SELECT {keys}, {sums} FROM ({select}) AS day GROUP BY {by}"
-    return f"groups({names}) AS MATERIALIZED ({select})"
+        values = ", ".join(f"coalesce({m}, 0) AS {m}" for m in BASE_METRICS)
+        # Read in the table's key order, a page stops at its last row.
+        return f"SELECT {keys}, {values} FROM {FACT}{where}", "NOT MATERIALIZED"
+    period = next((field for field in fields if field in WEEK_OR_MONTH), None)
+    if period is None:
+        sql = f"SELECT {keys}, {SUMS} FROM {FACT}{where} GROUP BY {keys}"
+        return sql, "MATERIALIZED"
+    # A week or a month adds up its days' sums: a few rows a day, not every fact.
+    day_keys = ", ".join(KEYS[f] for f in ["date", *fields] if f != period)
+    days = f"SELECT {day_keys}, {SUMS} FROM {FACT}{where} GROUP BY {day_keys}"
+    outer = [f"{WEEK_OR_MONTH[f]} AS {f}" if f == period else KEYS[f] for f in fields]
+    sql = f"SELECT {', '.join(outer)}, {SUMS} FROM ({days}) AS d GROUP BY {keys}"
+    return sql, "MATERIALIZED"
 
 
-def order_by(fields: tuple, sort: tuple, dates_in_id_order: bool) -> str:
-    """The rows' order: the requested sort, then the group_by fields to break ties.
-    Dimensions sort by id, periods in time, metrics by value with null last."""
-    sorted_fields = {item.removeprefix("-") for item in sort}
+def order_sql(fields: list[str], sort: list[str], dates_in_id_order: bool) -> str:
+    """The sort, then group_by: names by id, dates in time, metrics null last."""
+    named = {item.removeprefix("-") for item in sort}
     terms = []
-    for item in [*sort, *(field for field in fields if field not in sorted_fields)]:
-        field, way = item.removeprefix("-"), " DESC" if item.startswith("-") else ""
-        if field in RATIOS:  # the output column
+    for item in [*sort, *(field for field in fields if field not in named)]:
+        field = item.removeprefix("-")
+        way = " DESC" if item.startswith("-") else ""
+        if field in METRICS:
             terms.append(f"{field}{way} NULLS LAST")
-        elif field in METRICS:
-            terms.append(f"{field}{way}")
         elif field == "date" and not dates_in_id_order:
-            day = "(SELECT date_value FROM dim_date WHERE date_id = g.date_id)"
-            terms.append(f"{day}{way}, g.date_id{way}")
+            day = "(SELECT date_value FROM dim_date WHERE date_id = groups.date_id)"
+            terms.append(f"{day}{way}, date_id{way}")
         else:
-            terms.append(f"g.{COLUMNS[field]}{way}")
+            terms.append(f"{KEYS[field]}{way}")
     return ", ".join(terms)
-
-
-def label(field: str, joined: bool) -> str:
-    """A group_by field's output value, from the page's row p: a name from its table,
-    joined if each id is there once (Q6's statement: 368 µs with a lookup per name,
-    290 µs joined), else looked up (a table loaded twice must not double the rows)."""
-    if field in LABELS:
-        return f"p.{field} AS {field}"
-    column, table, name = NAMES[field]
-    text = f"CAST({table}.{name} AS TEXT)"  # as /dimensions lists it
-    if joined:
-        return f"{text} AS {field}"
-    return f"(SELECT {text} FROM {table} WHERE {column} = p.{column}) AS {field}"
-
-
-def joins(fields: tuple) -> str:
-    """The LEFT JOINs that bring the page's names (null for a missing id)."""
-    named = [NAMES[field] for field in fields if field in NAMES]
-    return "".join(f" LEFT JOIN {t} ON {t}.{c} = p.{c}" for c, t, _ in named)
 
 
 # The database -----------------------------------------------------------------------
 
+STATEMENTS = 32  # at once: the operating system shares the cores among their threads
+DOWNLOADS = 8  # CSV downloads at once, each with a connection of its own
+CHUNK = 1000  # the rows a download reads at a time
+# The fact table has our columns, or the error names the one it lacks.
+FACT_COLUMNS = ["date_id", *(column for column, _, _ in DIMENSIONS.values())]
+FACT_SQL = f"SELECT {', '.join(FACT_COLUMNS + BASE_METRICS)} FROM {FACT} LIMIT 0"
+# Every (field, id, name) of the dimension tables, in id order; names as text.
+CATALOG_SQL = " UNION ALL ".join(
+    [
+        f"SELECT '{d}', {c}, CAST({n} AS TEXT) FROM {t}"
+        for d, (c, t, n) in DIMENSIONS.items()
+    ]
+    + ["SELECT 'date', date_id, date_value FROM dim_date ORDER BY 1, 2"]
+)
+
 
 @dataclass(frozen=True)
-class Snapshot:
-    """What the file holds besides its facts, read again whenever its data changes."""
+class Signature:
+    """The data file's and its -wal's (device, inode, size, mtime_ns)."""
 
-    pool: Pool  # connections to the file it was read from
-    data_version: int  # the pool's PRAGMA data_version when it was read
-    version: str  # new in every process, whenever the file or its data changes
-    names: dict[str, list[str]]  # dimension -> names, in id order
-    ids: dict[str, dict[str, list[int]]]  # dimension -> casefolded name -> ids
-    dates: list[str]  # in date order
-    dates_in_id_order: bool  # then dates sort by id: Q1 took 20 ms, not 61 ms
-    ids_unique: bool  # each id column, dim_date's too, is a key: names are joined
-    last_run: dict | None  # the heartbeat's latest run
-    listing: bytes  # the body of GET /dimensions
+    file: tuple[int, int, int, int]
+    wal: tuple[int, int, int, int] | None
+
+    def settled(self) -> bool:
+        """Whether a write from now on is sure to change the file's stamp."""
+        newest = max(self.file[3], self.wal[3] if self.wal else 0)
+        return time.time_ns() - newest > 100_000_000
 
 
-async def read_snapshot(pool: Pool, data_version: int) -> Snapshot:
-    """Read the dimension tables and the latest heartbeat; check the fact's columns."""
-    db = pool.watcher
-    columns = ", ".join(f"f.{c}" for c in [*(COLUMNS[f] for f in GRAIN), *BASE_METRICS])
-    await db.execute_fetchall(f"SELECT {columns} FROM {FACT} AS f LIMIT 0")
-    tables, keyed = {}, True  # field -> (id, name) rows, in id order
-    for field, (column, table, name) in NAMES.items():
-        text = name if field == "date" else f"CAST({name} AS TEXT)"  # as in rows
-        sql = f"SELECT {column}, {text} FROM {table} ORDER BY 1"
-        tables[field] = await db.execute_fetchall(sql)
-        if not await is_key(db, table, column):
-            keyed = False
-    dates = [value for _, value in tables.pop("date")]
-    check_dates(dates)
-    names, ids = {}, {}
-    for dim, rows in tables.items():
-        names[dim], ids[dim] = index_names(rows)
-    last_run = None
-    with contextlib.suppress(sqlite3.Error):  # no job_runs yet, or not ours: no run
-        sql = "SELECT slot, ran_at FROM job_runs ORDER BY slot DESC LIMIT 1"
-        for slot, ran_at in await db.execute_fetchall(sql):
-            last_run = {"slot": slot, "ran_at": ran_at}
-    ordered = sorted(dates)
-    first, last = (ordered[0], ordered[-1]) if ordered else (None, None)
-    listing = {"date": {"first": first, "last": last}} | names
-    return Snapshot(
-        pool=pool,
-        data_version=data_version,
-        version=f"{os.getpid()}.{time.time_ns()}",
-        names=names,
-        ids=ids,
-        dates=ordered,
-        dates_in_id_order=dates == ordered,
-        ids_unique=keyed,
-        last_run=last_run,
-        listing=json.dumps(listing, separators=(",", ":")).encode(),
-    )
+@dataclass(frozen=True)
+class Catalog:
+    """What the service knows of a file besides its facts."""
+
+    signature: Signature  # of the file it was read from
+    ids: dict[str, dict[str, list[int]]]  # dimension -> folded name -> its ids
+    dimensions: Dimensions  # the answer of GET /dimensions
+    dates_in_id_order: bool  # then date_id sorts by date, in the table's key order
 
 
-def check_dates(dates: list) -> None:
-    """Stop at a dim_date value that is not a real date written YYYY-MM-DD."""
+def read_catalog(signature: Signature, rows: list[tuple]) -> Catalog:
+    """A null name is no name; a name stands for every id that has it, in any case."""
+    ids, names = {dim: {} for dim in DIMENSIONS}, {dim: [] for dim in DIMENSIONS}
+    dates = [value for field, _, value in rows if field == "date"]
     for value in dates:
-        with contextlib.suppress(TypeError, ValueError):
-            if date.fromisoformat(value).isoformat() == value:
-                continue
-        raise ValueError(f"dim_date holds {value!r}, not a YYYY-MM-DD date")
+        if not iso_date(value):
+            raise ValueError(f"dim_date holds {value!r}, not a YYYY-MM-DD date")
+    for dim, i, name in rows:
+        if dim != "date" and name is not None:
+            ids[dim].setdefault(name.casefold(), []).append(i)
+            names[dim] += [] if name in names[dim] else [name]
+    first_last = {"first": min(dates, default=None), "last": max(dates, default=None)}
+    dimensions = Dimensions(date=first_last, **names)
+    return Catalog(signature, ids, dimensions, dates_in_id_order=dates == sorted(dates))
 
 
-def index_names(rows: list) -> tuple[list[str], dict[str, list[int]]]:
-    """A table's names in id order, and the ids of each name, casefolded: a filter
-    value stands for every id of its name. A null name is no name."""
-    rows = [(i, n) for i, n in dict.fromkeys(rows) if n is not None]
-    ids = {}
-    for i, n in rows:
-        ids.setdefault(n.casefold(), []).append(i)
-    return list(dict.fromkeys(n for _, n in rows)), ids
+def stamp(path: str) -> tuple[int, int, int, int] | None:
+    """The (device, inode, size, mtime_ns) of the file at path; None if none is."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-async def is_key(db: aiosqlite.Connection, table: str, column: str) -> bool:
-    """Whether the schema holds each value of column in one row at most, so that a
-    join on it doubles no row: the primary key or a unique index, with INTEGER
-    affinity (under which 1 and '1' are one value)."""
-    sql = "SELECT lower(name), upper(type), pk FROM pragma_table_info(?)"
-    columns = await db.execute_fetchall(sql, [table])
-    if not any(name == column and "INT" in kind for name, kind, _ in columns):
-        return False
-    if [name for name, _, pk in columns if pk] == [column]:
-        return True
-    sql = (
-        'SELECT 1 FROM pragma_index_list(?) AS i WHERE i."unique" AND NOT i.partial '
-        "AND (SELECT group_concat(lower(name)) FROM pragma_index_info(i.name)) = ?"
-    )
-    return bool(await db.execute_fetchall(sql, [table, column]))
-
-
-CHUNK = 1000  # the rows an export reads at a time
-# CSV downloads at once (then 503s): 60 stalled downloads held 60 threads and 145 files.
-DOWNLOADS = 8
+def primary_code(error: sqlite3.Error) -> int:
+    """SQLite's primary result code (SQLITE_BUSY_RECOVERY is SQLITE_BUSY), or 0."""
+    return getattr(error, "sqlite_errorcode", 0) & 0xFF
 
 
 def unreadable(path: str, reason: object) -> Unavailable:
     return Unavailable(f"database {path} cannot be read: {reason}")
 
 
-def file_uri(path: str, mode: str) -> str:
-    """The URI that opens path with mode "ro" or "rw": never creating the file."""
-    return f"file:{quote(os.path.abspath(path))}?mode={mode}"
-
-
-def identify(path: str) -> tuple[int, int]:
-    """The device and inode of the file at path: a replaced file has others."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise Unavailable(f"database {path} is missing") from None
-    except OSError as e:
-        raise unreadable(path, e.strerror) from None
-    return st.st_dev, st.st_ino
-
-
-def primary_code(error: sqlite3.Error) -> int:
-    """SQLite's primary result code: SQLITE_BUSY_RECOVERY, say, is SQLITE_BUSY."""
-    return getattr(error, "sqlite_errorcode", 0) & 0xFF
-
-
-async def stop_statement(conn: aiosqlite.Connection) -> None:
-    """Interrupt conn's statement until its thread is idle: a no-op queued behind the
-    statement has run (interrupting again, if the statement had not started)."""
-    idle = asyncio.ensure_future(conn.execute_fetchall("SELECT 1"))
-    while not idle.done():
-        await conn.interrupt()
-        await asyncio.wait([idle], timeout=0.01)
-    idle.exception()  # marks its error (interrupted too, perhaps) as seen
-
-
-class Pool:
-    """Read-only connections, each with its own thread, to one file (one inode), so
-    that they go on reading it even after another file replaces it at the path."""
-
-    def __init__(self, path: str, file_id: tuple[int, int]) -> None:
-        self.path, self.file_id = path, file_id
-        self.watcher: aiosqlite.Connection | None = None  # the Database's own
-        self.idle: asyncio.Queue[aiosqlite.Connection] = asyncio.Queue()
-        self.users, self.retired = 0, False  # requests holding or awaiting one
-
-    async def connect(self) -> aiosqlite.Connection | None:
-        """A new connection to this pool's file; None if the path names another."""
-        uri = file_uri(self.path, "ro")
-        try:
-            conn = await aiosqlite.connect(uri, uri=True, timeout=0)
-        except sqlite3.Error as e:  # removed just now, say
-            raise unreadable(self.path, e) from None
-        try:
-            if identify(self.path) == self.file_id:
-                return conn
-        except BaseException:
-            await conn.close()
-            raise
-        await conn.close()
-        return None
-
-    async def fill(self, size: int) -> bool:
-        """Open the watcher's connection and size others; False if the file changed."""
-        for _ in range(size + 1):
-            if not (conn := await self.connect()):
-                return False
-            if self.watcher is None:
-                self.watcher = conn
-            else:
-                self.idle.put_nowait(conn)
-        return True
-
-    async def retire(self) -> None:
-        """Close the connections, at once or as soon as no request uses the pool."""
-        self.retired, watcher, self.watcher = True, self.watcher, None
-        if watcher:  # once: aiosqlite must not close a connection twice at once
-            await watcher.close()
-        while self.users == 0 and not self.idle.empty():
-            await self.idle.get_nowait().close()
-
-
 class Database:
-    """The file at `path`, watched twice a second: another file there (another inode)
-    gets a new pool, new data (PRAGMA data_version) a new snapshot, a missing or
-    unreadable file the reason for 503s. A request uses one snapshot and its pool."""
+    """The data file, read by read-only connections lent one request at a time."""
 
-    def __init__(self, path: str, timeout: float, size: int = 8) -> None:
-        self.path, self.timeout, self.size = path, timeout, size
-        self.turns = asyncio.Semaphore(os.cpu_count() or 2)  # for heavy queries
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path, self.timeout = path, timeout
+        self.uri = f"file:{quote(os.path.abspath(path))}?mode=ro"  # never creates it
+        self.statements = asyncio.Semaphore(STATEMENTS)
         self.downloads = asyncio.Semaphore(DOWNLOADS)
-        self.current: Snapshot | None = None
-        self.problem = f"database {path} has not been read yet"
-        self.watching: asyncio.Task | None = None
+        self.idle: list[tuple[tuple, aiosqlite.Connection]] = []  # (file_id, conn)
+        self.known: Catalog | None = None
 
-    def snapshot(self) -> Snapshot:
-        if self.current is None:
-            raise Unavailable(self.problem)
-        return self.current
-
-    async def watch(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            try:
-                await self.check()
-            except Exception:  # a bug of ours: say so, and look again
-                log.exception("checking database %s failed", self.path)
-
-    async def check(self) -> None:
-        """Look at the file once: note another file, new data, or what is wrong."""
-        old, pool = self.current, None
-        try:
-            file_id = identify(self.path)
-            if old and old.pool.file_id == file_id:
-                pool = old.pool
-            elif not await (pool := Pool(self.path, file_id)).fill(self.size):
-                return  # replaced while connecting: look again next time
-            [[version]] = await pool.watcher.execute_fetchall("PRAGMA data_version")
-            if not old or pool is not old.pool or version != old.data_version:
-                self.current = await read_snapshot(pool, version)
-        except Unavailable as e:
-            self.current, self.problem = None, e.detail
-        except (sqlite3.Error, ValueError) as e:
-            if isinstance(e, ValueError) or primary_code(e) != sqlite3.SQLITE_BUSY:
-                self.current = None  # (while a writer commits, look again later)
-                self.problem = unreadable(self.path, e).detail
-        finally:  # a pool that no snapshot has closes once its last requests end
-            current_pool = self.current.pool if self.current else None
-            for unused in (old.pool if old else None, pool):
-                if unused is not None and unused is not current_pool:
-                    await unused.retire()
-
-    def busy(self) -> Unavailable:
-        return Unavailable(
-            f"every connection stayed busy for {self.timeout:g} s; retry later"
-        )
+    def signature(self) -> Signature:
+        """Stat the file and its -wal: two system calls, once a request."""
+        file = stamp(self.path)
+        if file is None:
+            raise Unavailable(f"database {self.path} is missing")
+        return Signature(file, stamp(self.path + "-wal"))
 
     @contextlib.asynccontextmanager
-    async def turn(self, deadline: float):
-        """Hold one of the heavy queries' turns, waited for until the deadline."""
+    async def time_limit(self) -> AsyncIterator[None]:
+        """Bound a request's waiting and running; past the limit, a 503."""
         try:
-            async with asyncio.timeout(deadline - time.monotonic()):
-                await self.turns.acquire()
+            async with asyncio.timeout(self.timeout):
+                yield
         except TimeoutError:
-            raise self.busy() from None
+            raise Unavailable(
+                f"the query took longer than {self.timeout:g} s and was stopped; "
+                "narrow the date range, add filters or group by fewer fields"
+            ) from None
+
+    async def catalog(self, file: Signature) -> Catalog:
+        """The file's catalog: known, or read again (and kept once settled)."""
+        if self.known and self.known.signature == file:
+            return self.known
+        await self.fetch(file, FACT_SQL)
         try:
-            yield
-        finally:
-            self.turns.release()
+            catalog = read_catalog(file, await self.fetch(file, CATALOG_SQL))
+        except ValueError as e:
+            raise unreadable(self.path, e) from None
+        if file.settled():
+            self.known = catalog
+        return catalog
 
-    @contextlib.asynccontextmanager
-    async def connection(self, snapshot: Snapshot, deadline: float, heavy: bool):
-        """Lend one of the snapshot's connections (after a turn, if the query is
-        heavy), waiting for it until the deadline."""
-        pool = snapshot.pool
-        pool.users += 1  # before any await: a retired pool keeps its connections
-        try:
-            async with self.turn(deadline) if heavy else contextlib.nullcontext():
-                try:
-                    async with asyncio.timeout(deadline - time.monotonic()):
-                        conn = await pool.idle.get()
-                except TimeoutError:
-                    raise self.busy() from None
-                try:
-                    yield conn
-                finally:
-                    pool.idle.put_nowait(conn)
-        finally:
-            pool.users -= 1
-            if pool.retired:
-                await pool.retire()
+    async def fetch(self, file: Signature, sql: str, params: list = ()) -> list:
+        """Run one statement on a lent connection; return its rows."""
+        async with self.connection(file) as conn:
+            return await self.patiently(lambda: conn.execute_fetchall(sql, params))
 
-    async def fetch(self, snapshot: Snapshot, sql: str, params: list, heavy=False):
-        """Run a statement: the wait for a connection and the run share one limit."""
-        deadline = time.monotonic() + self.timeout
-        async with self.connection(snapshot, deadline, heavy) as conn:
-            work = functools.partial(conn.execute_fetchall, sql, params)
-            return await self.run(conn, work, deadline)
-
-    async def export(self, snapshot: Snapshot, sql: str, params: list, heavy=False):
-        """Yield a statement's rows, CHUNK at a time, from a connection of its own, so
-        that a slow download keeps no pooled connection; it holds a thread and a read
-        of the file, so DOWNLOADS bounds them. A heavy export holds a turn for its first
-        rows only, which the time limit bounds."""
-        deadline = time.monotonic() + self.timeout
+    async def export(self, file: Signature, sql: str, params: list):
+        """Yield a statement's rows, CHUNK at a time. A download that stalls holds its
+        connection: DOWNLOADS, fewer than STATEMENTS, bounds them."""
         if self.downloads.locked():
             raise Unavailable(f"{DOWNLOADS} downloads are under way; retry later")
-        async with self.downloads:
-            if not (conn := await snapshot.pool.connect()):
-                raise Unavailable(f"database {self.path} was replaced just now; retry")
-            try:
-                async with self.turn(deadline) if heavy else contextlib.nullcontext():
-                    execute = functools.partial(conn.execute, sql, params)
-                    cursor = await self.run(conn, execute, deadline)
-                    first = functools.partial(cursor.fetchmany, CHUNK)
-                    chunk = await self.run(conn, first, deadline)
-                yield chunk  # the first, perhaps empty
-                while len(chunk) == CHUNK:
-                    chunk = await cursor.fetchmany(CHUNK)
-                    yield chunk
-            finally:
-                await conn.interrupt()  # the client left: stop the statement
-                await conn.close()
+        async with self.downloads, self.connection(file) as conn:
+            cursor = await self.patiently(lambda: conn.execute(sql, params))
+            rows = await cursor.fetchmany(CHUNK)
+            yield rows
+            while len(rows) == CHUNK:
+                rows = await cursor.fetchmany(CHUNK)
+                yield rows
 
-    async def run(self, conn: aiosqlite.Connection, work: Callable, deadline: float):
-        """Await work on conn by the deadline, and again while another process has a
-        lock. Past the deadline, or if the request is cancelled, stop the statement
-        while this request still holds conn: no other request's is interrupted."""
+    @contextlib.asynccontextmanager
+    async def connection(self, file: Signature) -> AsyncIterator[aiosqlite.Connection]:
+        """Lend a connection to this file. It comes back after a statement that ended
+        well; any other is closed, so that no interrupt or doubt reaches another."""
+        async with self.statements:
+            opened_on, conn = self.idle.pop() if self.idle else (None, None)
+            if opened_on != file.file[:2]:  # none idle, or one to another file
+                if conn:
+                    await conn.close()
+                try:
+                    conn = await aiosqlite.connect(self.uri, uri=True, timeout=0)
+                except sqlite3.Error as e:
+                    raise unreadable(self.path, e) from None
+            try:
+                yield conn
+            except BaseException:  # time is up, the client left, or the file failed
+                await conn.interrupt()
+                await conn.close()
+                raise
+            self.idle.append((file.file[:2], conn))
+
+    async def patiently(self, statement):
+        """Await a statement, again every 50 ms while another process writes the file."""
         while True:
             try:
-                async with asyncio.timeout(deadline - time.monotonic()):
-                    return await work()
-            except TimeoutError:
-                await stop_statement(conn)
-                raise Unavailable(
-                    f"the query took longer than {self.timeout:g} s and was "
-                    "stopped; narrow the date range, add filters or group by "
-                    "fewer fields"
-                ) from None
-            except asyncio.CancelledError:
-                await stop_statement(conn)
-                raise
+                return await statement()
             except sqlite3.Error as e:
+                if not primary_code(e):  # not the file's error but ours: a 500
+                    raise
                 if primary_code(e) != sqlite3.SQLITE_BUSY:
                     raise unreadable(self.path, e) from None
-            await asyncio.sleep(0.05)  # busy: a writer commits; try again
+            await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        """Stop watching; close each connection once its request is done with it."""
-        try:
-            if self.watching:
-                self.watching.cancel()
-                await asyncio.wait([self.watching])
-        finally:  # even if close() itself is cancelled: open connections keep a thread
-            if self.current:
-                await self.current.pool.retire()
+        while self.idle:
+            await self.idle.pop()[1].close()
 
 
 # The heartbeat ----------------------------------------------------------------------
 
-
-JOB_RUNS_TABLE = """CREATE TABLE IF NOT EXISTS job_runs
+JOB_RUNS_SQL = """CREATE TABLE IF NOT EXISTS job_runs
     (slot TEXT PRIMARY KEY, ran_at TEXT NOT NULL, pid INTEGER NOT NULL)"""
-CLAIM = "INSERT INTO job_runs VALUES (?, ?, ?) ON CONFLICT (slot) DO NOTHING"
-
-
-async def empty_wal(db: aiosqlite.Connection, slot: str) -> None:
-    """Copy the WAL into the file and truncate it, unless a reader holds it: the
-    service's read-only connections never checkpoint, and a file put at the path later
-    would be read with the frames left there. Best effort: the row is in either way."""
-    try:
-        await db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    except sqlite3.Error as e:
-        log.warning("the WAL was not emptied after slot %s: %s", slot, e)
+CLAIM_SQL = "INSERT INTO job_runs VALUES (?, ?, ?) ON CONFLICT (slot) DO NOTHING"
+LAST_RUN_SQL = "SELECT slot, ran_at FROM job_runs ORDER BY slot DESC LIMIT 1"
 
 
 class NotRecorded(Exception):
-    """A heartbeat run that wrote no row; the message says why."""
+    """A heartbeat run that left no row; the message says why."""
 
 
 class Heartbeat:
-    """Runs once per slot of a UTC grid, in one of the processes that share the file."""
+    """Logs each slot of a UTC grid once, in the worker that claims it first."""
 
     def __init__(self, path: str, interval: int) -> None:
-        self.path, self.interval, self.stopping = path, interval, False
+        self.path, self.interval = path, interval
         self.scheduler = AsyncIOScheduler(timezone=UTC)
-        self.run_lock = asyncio.Lock()  # held by a run in progress
+        self.running = asyncio.Lock()  # held by a run in progress
+        self.stopping = False
 
     def slot_at(self, timestamp: float) -> datetime:
         """The slot of timestamp: a multiple of the interval since the epoch."""
         return datetime.fromtimestamp(timestamp // self.interval * self.interval, UTC)
 
     def start(self) -> None:
-        """Schedule the runs, the latest slot's at once (if it ran, its claim finds
-        the row); late is fine, until the next slot is due."""
-        trigger = IntervalTrigger(seconds=self.interval, start_date=self.slot_at(0))
-        once = {
-            "coalesce": True,
-            "max_instances": 1,
-            "misfire_grace_time": self.interval,
-        }
-        latest = self.slot_at(time.time())
+        """Run on the grid, the latest slot at once: restarts neither shift nor replay."""
         self.scheduler.add_job(
-            self.run, trigger, id="heartbeat", next_run_time=latest, **once
+            self.run,
+            IntervalTrigger(seconds=self.interval, start_date=self.slot_at(0)),
+            id="heartbeat",
+            next_run_time=self.slot_at(time.time()),
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=self.interval,  # late is fine, until the next slot
         )
         self.scheduler.start()
 
     async def run(self) -> None:
-        """Claim the current slot; the process whose claim wins logs the heartbeat."""
+        """Claim the current slot; the process that wins logs the heartbeat."""
         now = time.time()
         slot = self.slot_at(now).isoformat()
         ran_at = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
         # Give up half a second before the next slot is due, so that it is not skipped.
         deadline = self.slot_at(now).timestamp() + self.interval - 0.5
-        async with self.run_lock:
+        async with self.running:
             try:
-                if await self.claim(slot, ran_at, deadline):
+                if await self.claim([slot, ran_at, os.getpid()], deadline):
                     log.info("heartbeat slot=%s ran_at=%s", slot, ran_at)
             except NotRecorded as e:
                 log.warning("heartbeat slot=%s not recorded: %s", slot, e)
             except Exception:
                 log.exception("heartbeat slot=%s failed", slot)
 
-    async def claim(self, slot: str, ran_at: str, deadline: float) -> bool:
-        """Insert the slot's row unless it is there, then empty the WAL; True if this
-        process did. While the file is locked or missing, try again every 0.2 s, in the
-        event loop (never in a thread), until the deadline or a stop."""
-        uri = file_uri(self.path, "rw")
+    async def claim(self, row: list, deadline: float) -> bool:
+        """Insert the slot's row unless it is there; True if this process did."""
         while not self.stopping:
             try:
-                async with aiosqlite.connect(uri, uri=True, timeout=0.05) as db:
-                    await db.execute(JOB_RUNS_TABLE)
-                    cursor = await db.execute(CLAIM, (slot, ran_at, os.getpid()))
+                async with aiosqlite.connect(self.path, timeout=0.05) as db:
+                    await db.execute(JOB_RUNS_SQL)
+                    cursor = await db.execute(CLAIM_SQL, row)
                     await db.commit()
-                    won = cursor.rowcount == 1
-                    await empty_wal(db, slot)
-                    return won
+                    return cursor.rowcount == 1
             except sqlite3.OperationalError as e:
-                if primary_code(e) not in (
-                    sqlite3.SQLITE_BUSY,
-                    sqlite3.SQLITE_CANTOPEN,
-                ):
+                if primary_code(e) != sqlite3.SQLITE_BUSY or time.time() > deadline:
                     raise
-                if time.time() > deadline:
-                    raise NotRecorded(
-                        f"the database stayed locked or missing: {e}"
-                    ) from e
             await asyncio.sleep(0.2)
         raise NotRecorded("the server is stopping")
 
     async def stop(self) -> None:
-        """Stop scheduling; a run in progress ends its attempt and gives up."""
+        """Stop scheduling; a run in progress ends its attempt and says so."""
         self.stopping = True
         self.scheduler.pause()
-        await asyncio.sleep(0)  # a run submitted just now starts, and gives up
-        async with self.run_lock:  # no run is in progress: shutting down cancels none
+        await asyncio.sleep(0)  # a run handed over just now starts, and sees the stop
+        async with self.running:  # no run is left for the shutdown to cancel
             self.scheduler.shutdown(wait=False)
 
-    def state(self, last_run: dict | None) -> dict:
-        """The schedule and the latest run; overdue if the latest slot has had no run
-        for more than a minute after it was due."""
-        now, job = time.time(), self.scheduler.get_job("heartbeat")
-        latest = self.slot_at(now)
-        ran = last_run is not None and str(last_run["slot"]) >= latest.isoformat()
+    async def state(self) -> dict:
+        """The schedule, and the latest run as the heartbeat's file has it now."""
+        job, last_run = self.scheduler.get_job("heartbeat"), None
+        with contextlib.suppress(sqlite3.Error):  # no file or no table yet: no run
+            uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"
+            async with aiosqlite.connect(uri, uri=True, timeout=1) as db:
+                for slot, ran_at in await db.execute_fetchall(LAST_RUN_SQL):
+                    last_run = {"slot": slot, "ran_at": ran_at}
         return {
             "running": self.scheduler.running,
             "interval_seconds": self.interval,
             "next_run_at": job.next_run_time.isoformat() if job else None,
             "last_run": last_run,
-            "overdue": not ran and now - latest.timestamp() > 60,
+            "overdue": self.overdue(last_run, time.time()),
         }
+
+    def overdue(self, last_run: dict | None, now: float) -> bool:
+        """Whether the latest slot has had no run for more than a minute."""
+        latest = self.slot_at(now)
+        ran = last_run is not None and last_run["slot"] >= latest.isoformat()
+        return not ran and now - latest.timestamp() > 60
 
 
 # Start-up ---------------------------------------------------------------------------
 
 
 class StartupError(Exception):
-    """Keeps the service from starting; its message is the operator's one line."""
+    """Keeps the service from starting; the message says what to do."""
 
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings, path = app.state.settings, app.state.settings.db_path
-    # Start-up: open the database, or stop with one line that says what is wrong.
+    # Start-up: check that the data file can be served, then start the heartbeat.
     if not log.handlers:
         log.addHandler(handler := logging.StreamHandler())
         line = "%(levelname)s:     %(name)s[%(process)d] %(message)s"
         handler.setFormatter(logging.Formatter(line))
     log.setLevel(settings.log_level)
     if sqlite3.sqlite_version_info < (3, 35):  # for MATERIALIZED and NULLS LAST
-        raise StartupError(
-            f"SQLite 3.35 or newer is needed, not {sqlite3.sqlite_version}"
-        )
+        raise StartupError(f"SQLite 3.35+ is needed, not {sqlite3.sqlite_version}")
     if not os.path.exists(path):
-        raise StartupError(
-            f"database {path} not found; create it with: python seed.py --db {path}"
-        )
+        create = f"create it with: python seed.py --db {path}"
+        raise StartupError(f"database {path} not found; {create}")
     database = Database(path, settings.query_timeout)
-    await database.check()
-    if database.current is None:
+    try:
+        async with database.time_limit():  # waiting while another process writes
+            await database.catalog(database.signature())
+    except HTTPException as e:
         await database.close()
-        raise StartupError(database.problem)
-    database.watching = asyncio.create_task(database.watch())
-    heartbeat = Heartbeat(path, settings.heartbeat_interval)
+        raise StartupError(e.detail) from None
+    heartbeat = Heartbeat(settings.heartbeat_db, settings.heartbeat_interval)
     heartbeat.start()
     app.state.database, app.state.heartbeat = database, heartbeat
     yield
-    # Shutdown: let a heartbeat run end, then close each connection once it is free.
+    # Shutdown: let a heartbeat run end its attempt, then close the connections.
     await heartbeat.stop()
     await database.close()
 
 
-def one_line_startup_errors(app: Callable) -> Callable:
-    """Wrap app so that the server gets a StartupError's one line, not a traceback."""
-
-    async def wrapped(scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "lifespan":
-            return await app(scope, receive, send)
-        held = []  # the router's report of a failed start-up, with the traceback
-
-        async def hold_failure(message: dict) -> None:
-            if message["type"] == "lifespan.startup.failed":
-                held.append(message)
-            else:
-                await send(message)
-
-        try:
-            await app(scope, receive, hold_failure)
-        except StartupError as e:
-            await send({"type": "lifespan.startup.failed", "message": str(e)})
-            raise
-        except BaseException:
-            for message in held:
-                await send(message)
-            raise
-
-    return wrapped
-
-
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the service with these settings, or with the environment's."""
+    """The service, with these settings or the environment's."""
     app = FastAPI(
         title="Ad Metrics API",
-        version="2.0",
         lifespan=lifespan,
-        redirect_slashes=False,  # an unknown path is a 404, with a slash or without
         exception_handlers={RequestValidationError: invalid, Exception: internal_error},
+        responses=UNAVAILABLE,
     )
     app.state.settings = settings or Settings.from_env(os.environ)
-    # Added to the app itself: an APIRouter's routes would be matched twice a request.
-    metrics = {"response_model": MetricsPage}
-    responses = CSV_ANSWER | NOT_MODIFIED | UNAVAILABLE
-    app.add_api_route("/metrics", get_metrics, responses=responses, **metrics)
-    app.add_api_route(
-        "/dimensions", get_dimensions, responses=NOT_MODIFIED | UNAVAILABLE
-    )
-    app.add_api_route("/health", health, responses=UNAVAILABLE)
-    app.add_middleware(one_line_startup_errors)
+    app.include_router(router)
     return app
 
 
@@ -1117,13 +853,14 @@ if __name__ == "__main__":
         import seed
 
         print(f"{settings.db_path} not found: seeding it", file=sys.stderr)
-        if seed.main(["--db", settings.db_path]):
-            sys.exit(2)
+        seed.main(["--db", settings.db_path])
+    # On SIGTERM, a request has the query time limit to end: a stalled download too.
+    grace = math.ceil(settings.query_timeout)
+    level = settings.log_level.lower()
     uvicorn.run(
         app,
         host=settings.host,
         port=settings.port,
-        log_level=settings.log_level.lower(),
-        # On SIGTERM, a request has the query time limit to end: a stalled download too.
-        timeout_graceful_shutdown=math.ceil(settings.query_timeout),
+        log_level=level,
+        timeout_graceful_shutdown=grace,
     )

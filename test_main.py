@@ -1,14 +1,15 @@
 """The Ad Metrics API's specification, as tests, in main.py's order.
 
-Every /metrics answer is compared with `reference()` (at the end of the file): an
-independent reading of the contract in plain Python over the rows the fixture
-database is built from. The fixture has sparse ids out of name order, dates whose ids
-are shuffled, a name holding a comma and quotes, and fact rows whose ids are missing
-from their dimension tables.
+Every /metrics answer is compared with `reference()` (near the end of the file): an
+independent reading of the contract in plain Python over the rows the fixture database
+is built from. The fixture has sparse ids out of name order, dates whose ids are
+shuffled, a name holding a comma and quotes, refunds, and fact rows whose ids are
+missing from their dimension tables.
 """
 
 import asyncio
 import csv
+import hashlib
 import io
 import logging
 import math
@@ -23,7 +24,6 @@ import sys
 import threading
 import time
 import warnings
-from contextlib import suppress
 from datetime import UTC, date, datetime, timedelta
 from fractions import Fraction
 from itertools import pairwise, product
@@ -45,47 +45,28 @@ import seed
 
 
 def test_settings_come_from_the_environment():
-    env = {
-        "ADS_DB": "/data/a.db",
-        "HOST": "0.0.0.0",
-        "PORT": "9000",
-        "LOG_LEVEL": "debug",
-        "HEARTBEAT_INTERVAL_SECONDS": "60",
-        "QUERY_TIMEOUT_SECONDS": "2.5",
-        "OTHER": "x",
-    }
+    env = {"ADS_DB": "/data/a.db", "HEARTBEAT_DB": "/run/hb.db", "HOST": "0.0.0.0",
+           "PORT": "9000", "LOG_LEVEL": "debug", "HEARTBEAT_INTERVAL_SECONDS": "60",
+           "QUERY_TIMEOUT_SECONDS": "2.5", "OTHER": "x", "db_path": "/not/a/variable"}  # fmt: skip
     assert main.Settings.from_env(env) == main.Settings(
-        db_path="/data/a.db",
-        host="0.0.0.0",
-        port=9000,
-        log_level="DEBUG",
-        heartbeat_interval=60,
-        query_timeout=2.5,
-    )
-    assert main.Settings.from_env({}) == main.Settings()
-    assert main.Settings() == main.Settings(
-        db_path="ads.db",
-        host="127.0.0.1",
-        port=8000,
-        log_level="INFO",
-        heartbeat_interval=21600,
-        query_timeout=10,
-    )
-    fields = {"db_path": "/elsewhere.db", "port": "1"}  # a field's name is no variable
-    assert main.Settings.from_env(fields) == main.Settings()
+        db_path="/data/a.db", heartbeat_db="/run/hb.db", host="0.0.0.0", port=9000,
+        log_level="DEBUG", heartbeat_interval=60, query_timeout=2.5,
+    )  # fmt: skip
+    assert main.Settings.from_env({}) == main.Settings(
+        db_path="ads.db", heartbeat_db="heartbeat.db", host="127.0.0.1", port=8000,
+        log_level="INFO", heartbeat_interval=21600, query_timeout=10,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "name, value, message",
     [
         ("PORT", "abc", "unable to parse string as an integer"),
-        ("PORT", "0", "greater than or equal to 1"),
         ("PORT", "70000", "less than or equal to 65535"),
         ("HEARTBEAT_INTERVAL_SECONDS", "0", "greater than or equal to 1"),
         ("HEARTBEAT_INTERVAL_SECONDS", "inf", "valid integer"),
         ("QUERY_TIMEOUT_SECONDS", "-1", "greater than 0"),
         ("QUERY_TIMEOUT_SECONDS", "nan", "less than or equal to 3600"),
-        ("QUERY_TIMEOUT_SECONDS", "inf", "less than or equal to 3600"),
         ("LOG_LEVEL", "loud", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
     ],
 )
@@ -100,19 +81,12 @@ def test_a_bad_setting_stops_with_one_line_naming_it(name, value, message):
 
 
 def test_uvicorn_with_a_bad_setting_stops_with_that_line(db_path):
-    result = run(
-        "-m",
-        "uvicorn",
-        "main:app",
-        "--port",
-        "0",
-        env={"ADS_DB": str(db_path), "QUERY_TIMEOUT_SECONDS": "nan"},
-    )
-    assert result.returncode == 1
+    env = {"ADS_DB": str(db_path), "QUERY_TIMEOUT_SECONDS": "nan"}
+    result = run("-m", "uvicorn", "main:app", "--port", "0", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         "QUERY_TIMEOUT_SECONDS 'nan': Input should be less than or equal to 3600"
     )
-    assert "Traceback" not in result.stderr
 
 
 # The request model: every client error is a 422 that names the parameter ------------
@@ -132,13 +106,11 @@ BAD = {  # name -> (query string, parameter in loc, error type, text the message
     "month 13": ("end_date=2025-13-01", "end_date", "date_parsing", "2025-13-01"),
     "date without dashes": ("start_date=20250101", "start_date", "date_parsing", "20250101"),
     "date with a time": ("start_date=2025-01-01T00:00", "start_date", "date_parsing", "2025-01-01T00:00"),
-    "week date": ("start_date=2025-W01-1", "start_date", "date_parsing", "2025-W01-1"),
+    "a timestamp for a date": ("start_date=1735689600", "start_date", "date_parsing", "1735689600"),
     "empty date": ("end_date=", "end_date", "date_parsing", "end_date"),
     "limit 0": ("limit=0", "limit", "greater_than_equal", "'0'"),
     "limit 1001": ("limit=1001", "limit", "less_than_equal", "'1001'"),
-    "limit -1": ("limit=-1", "limit", "greater_than_equal", "'-1'"),
     "limit 1e3": ("limit=1e3", "limit", "int_parsing", "'1e3'"),
-    "limit abc": ("limit=abc", "limit", "int_parsing", "'abc'"),
     "limit 1.5": ("limit=1.5", "limit", "int_parsing", "'1.5'"),
     "empty limit": ("limit=", "limit", "int_parsing", "limit"),
     "offset -1": ("offset=-1", "offset", "greater_than_equal", "'-1'"),
@@ -148,7 +120,6 @@ BAD = {  # name -> (query string, parameter in loc, error type, text the message
     "unknown group_by": ("group_by=country", "group_by", "literal_error", "'country'"),
     "group_by in another case": ("group_by=Region", "group_by", "literal_error", "'Region'"),
     "group_by twice the same": ("group_by=region,region", "group_by", "value_error", "'region'"),
-    "group_by twice, repeated": ("group_by=platform&group_by=platform", "group_by", "value_error", "'platform'"),
     "empty group_by": ("group_by=", "group_by", "string_too_short", "group_by"),
     "sort by a field not in the output": ("group_by=platform&sort=region", "sort", "literal_error", "'region'"),
     "sort by an unknown field": ("sort=-profit", "sort", "literal_error", "'-profit'"),
@@ -159,9 +130,7 @@ BAD = {  # name -> (query string, parameter in loc, error type, text the message
     "trailing comma": ("platform=Facebook,", "platform", "string_too_short", "platform"),
     "part of a name with a comma": ("placement=Native", "placement", "literal_error", "'Native'"),
     "unknown parameter": ("country=FR", "country", "extra_forbidden", "'FR'"),
-    "misspelt parameter": ("regoin=Zulu", "regoin", "extra_forbidden", "'Zulu'"),
     "unknown format": ("format=xml", "format", "literal_error", "'xml'"),
-    "unknown format, for a CSV": ("format=CSV", "format", "literal_error", "'CSV'"),
     "a 10 KB value": ("placement=" + "x" * 10_000, "placement", "literal_error", "'" + "x" * 60 + "…'"),
     "control characters": ("device_type=%00%1b[2J", "device_type", "literal_error", "'\\x00\\x1b[2J'"),
     "unicode lookalike": ("platform=Ｆacebook", "platform", "literal_error", "'Ｆacebook'"),
@@ -173,17 +142,13 @@ BAD = {  # name -> (query string, parameter in loc, error type, text the message
 def test_bad_input_is_a_422_naming_the_parameter_and_value(
     client, query, param, error_type, text, format
 ):
-    url = f"/metrics?{query}"
-    if format == "csv" and "format=" not in query:
-        url += "&format=csv"
-    response = client.get(url)
+    csv = format == "csv" and "format=" not in query
+    response = client.get(f"/metrics?{query}" + "&format=csv" * csv)
     assert response.status_code == 422
     assert response.headers["content-type"] == "application/json"
     [error] = response.json()["detail"]
-    assert error["loc"] == ["query", param]
-    assert error["type"] == error_type
-    assert error["msg"].startswith(param)
-    assert text in error["msg"]
+    assert error["loc"] == ["query", param] and error["type"] == error_type
+    assert error["msg"].startswith(param) and text in error["msg"]
 
 
 WHOLE_422 = {  # a request, and every entry of its 422's detail
@@ -197,9 +162,14 @@ WHOLE_422 = {  # a request, and every entry of its 422's detail
          "ctx": {"ge": 0}, "msg": "offset '-1': Input should be greater than or equal to 0"},
         {"type": "extra_forbidden", "loc": ["query", "colour"], "input": "red",
          "msg": "colour 'red': Extra inputs are not permitted"}]),
+    "two bad filters, together": ("region=Atlantis&gender=none", [
+        {"type": "literal_error", "loc": ["query", "region"], "input": ["Atlantis"],
+         "msg": "region 'Atlantis' is not one of: Zulu, Alpha, Mike, Quebec"},
+        {"type": "literal_error", "loc": ["query", "gender"], "input": ["none"],
+         "msg": "gender 'none' is not one of: Male, female"}]),
     "a date that is not real": ("start_date=2025-02-30", [
         {"type": "date_parsing", "loc": ["query", "start_date"], "input": "2025-02-30",
-         "msg": "start_date '2025-02-30' is not a real date"}]),
+         "msg": "start_date '2025-02-30' is no YYYY-MM-DD date"}]),
 }  # fmt: skip
 
 
@@ -218,20 +188,17 @@ QUERIES = {
     "a date range": {"start_date": "2025-02-01", "end_date": "2025-02-03"},
     "only a start date": {"start_date": "2025-02-10"},
     "only an end date": {"end_date": "2025-01-29"},
-    "one day": {"start_date": "2025-02-05", "end_date": "2025-02-05"},
     "filters ignore case, take commas": {"region": "alpha, MIKE"},
     "filters repeat, and combine": {"region": ["Alpha", "Zulu"], "platform": "instagram"},
     "every filter at once": {"region": "Zulu", "age_group": "18-24", "gender": "FEMALE",
                              "platform": "Facebook", "placement": "Feed,Reels", "device_type": "Mobile"},
     "a name with a comma, whole": {"placement": 'native, banner & "interstitial"'},
     "a name with a comma, and another": {"placement": ['Native, Banner & "Interstitial"', "Feed"]},
-    "by date": {"group_by": "date"},
     "by date, newest first": {"group_by": "date", "sort": "-date"},
     "by week": {"group_by": "week"},
     "by month and region": {"group_by": "month,region"},
     "a period after a dimension": {"group_by": ["region", "week"]},
     "by month, latest first": {"group_by": "month", "sort": "-month"},
-    "by placement, names with commas": {"group_by": "placement"},
     "top platforms by cost": {"group_by": "platform", "sort": "-cost"},
     "ctr ascending, nulls last": {"group_by": "date,region", "sort": "ctr"},
     "ctr descending, nulls last": {"group_by": "date,region", "sort": "-ctr"},
@@ -244,7 +211,6 @@ QUERIES = {
                                 "placement": "Feed,Reels"},
     "cpc and conversion rate": {"group_by": "age_group,gender", "sort": "cpc,-conversion_rate"},
     "a value with no rows": {"region": "Quebec"},
-    "dates with no rows": {"start_date": "2026-01-01"},
     "the largest page": {"limit": "1000"},
     "an offset past the end": {"group_by": "platform", "offset": "50"},
     "the largest offset": {"offset": str(2**63 - 1)},
@@ -263,26 +229,21 @@ def test_metrics_match_the_reference(client, params):
 )  # fmt: skip
 def test_other_valid_files_give_the_same_answers(tmp_path, variant):
     path = build_db(tmp_path / "ads.db", variant)
-    in_order = variant == "date ids in date order"
-    with TestClient(main.create_app(main.Settings(db_path=str(path)))) as client:
+    with TestClient(app_for(path)) as client:
         for params in [{}, {"limit": "30", "offset": "400", "sort": "-cost"},
                        {"group_by": "week"}, {"group_by": "month,region"},
                        {"group_by": "date", "sort": "-date"}, {"region": "Zulu"}]:  # fmt: skip
-            check_page(
-                client.get("/metrics", params=params), params, dates_in_order=in_order
-            )
+            response = client.get("/metrics", params=params)
+            check_page(response, params, dates_in_order=variant.startswith("date ids"))
 
 
 @pytest.mark.parametrize(
     "params",
-    [
-        {"limit": "97"},
-        {"group_by": "week,device_type", "sort": "-cost", "limit": "4"},
-        {"group_by": "date,placement", "sort": "-ctr", "limit": "9", "region": "Zulu"},
-    ],
-)
+    [{"limit": "97"}, {"group_by": "week,device_type", "sort": "-cost", "limit": "4"},
+     {"group_by": "date,placement", "sort": "-ctr", "limit": "9", "region": "Zulu"}],
+)  # fmt: skip
 def test_following_next_walks_the_whole_result_once(client, params):
-    assert walk(client, params) == reference(params)[0]
+    assert_rows_equal(walk(client, params), reference(params)[0])
 
 
 def test_next_keeps_the_query_string(client):
@@ -292,50 +253,46 @@ def test_next_keeps_the_query_string(client):
     )
 
 
-def test_zero_denominators_give_null_ratios(client):
-    params = {
-        "group_by": "date,region",
-        "start_date": "2025-02-03",
-        "end_date": "2025-02-03",
-        "region": "Mike",
-    }
-    [row] = client.get("/metrics", params=params).json()["data"]
-    assert row["impressions"] == row["clicks"] == row["conversions"] == 0
-    assert [row[m] for m in main.RATIOS] == [None] * 5
-
-
 def test_no_rows_gives_zero_totals_and_null_ratios(client):
     response = client.get("/metrics?region=quebec")
     assert response.status_code == 200
     assert response.json() == {
         "data": [],
-        "totals": {
-            "impressions": 0,
-            "clicks": 0,
-            "cost": 0.0,
-            "conversions": 0,
-            "likes": 0,
-            "ctr": None,
-            "cpc": None,
-            "cpm": None,
-            "cpa": None,
-            "conversion_rate": None,
-        },
+        "totals": {"impressions": 0, "clicks": 0, "cost": 0.0, "conversions": 0,
+                   "likes": 0, "ctr": None, "cpc": None, "cpm": None, "cpa": None,
+                   "conversion_rate": None},
         "paging": {"limit": 100, "offset": 0, "total_rows": 0, "next": None},
-    }
+    }  # fmt: skip
 
 
-def test_output_uses_the_tables_spelling(client):
-    row = client.get("/metrics?gender=FEMALE&group_by=gender").json()["data"][0]
-    assert row["gender"] == "female"
+def test_zero_denominators_give_null_ratios(client):
+    params = {"group_by": "date,region", "start_date": "2025-02-03",
+              "end_date": "2025-02-03", "region": "Mike"}  # fmt: skip
+    [row] = client.get("/metrics", params=params).json()["data"]
+    assert row["impressions"] == row["clicks"] == row["conversions"] == 0
+    assert [row[m] for m in main.RATIOS] == [None] * 5
 
 
 def test_a_fact_row_with_an_unknown_id_is_kept_with_a_null_name(client):
     body = client.get("/metrics?group_by=region").json()
     assert [row["region"] for row in body["data"]] == ["Zulu", "Alpha", "Mike", None]
-    orphans = [f for f in FACTS if f["region"] == ORPHAN]
-    assert orphans and body["data"][-1]["impressions"] == sum(
-        f["impressions"] for f in orphans
+    orphans = sum(f["impressions"] for f in FACTS if f["region"] == ORPHAN)
+    assert orphans and body["data"][-1]["impressions"] == orphans
+    assert (
+        client.get("/metrics?gender=FEMALE&group_by=gender").json()["data"][0]["gender"]
+        == "female"
+    )  # as the table spells it
+
+
+def test_a_fact_row_with_an_unknown_date_matches_no_date_range(client):
+    days = client.get("/metrics?group_by=date").json()["data"]
+    assert days[0]["date"] is None  # nulls first, as SQL sorts them
+    every_day = {"start_date": "2000-01-01", "end_date": "2099-12-31"}
+    ranged = client.get("/metrics", params=every_day).json()["totals"]
+    unknown = sum(f["impressions"] for f in FACTS if f["day"] is None)
+    assert (
+        unknown
+        and ranged["impressions"] == sum(f["impressions"] for f in FACTS) - unknown
     )
 
 
@@ -345,7 +302,7 @@ def test_a_name_stands_for_each_of_its_ids_in_any_case_and_a_null_name_for_none(
     with sqlite3.connect(db_path) as db:  # two ids named alike; an id with no name
         db.execute("UPDATE dim_region SET region_name = 'mike' WHERE region_id = 2")
         db.execute("UPDATE dim_region SET region_name = NULL WHERE region_id = 5")
-    with TestClient(main.create_app(main.Settings(db_path=str(db_path)))) as client:
+    with TestClient(app_for(db_path)) as client:
         assert client.get("/dimensions").json()["region"] == ["mike", "Mike", "Quebec"]
         body = client.get("/metrics?region=MIKE&group_by=region").json()
         assert [row["region"] for row in body["data"]] == ["mike", "Mike"]
@@ -366,9 +323,8 @@ def test_an_id_column_that_is_no_key_never_doubles_a_row(tmp_path):
         [(rows, regions)] = db.execute(
             "SELECT count(*), count(DISTINCT region_id) FROM fact_ad_metrics_daily"
         )
-    with TestClient(main.create_app(main.Settings(db_path=str(path)))) as client:
-        by_region = client.get("/metrics?group_by=region").json()["data"]
-        assert len(by_region) == regions
+    with TestClient(app_for(path)) as client:
+        assert len(client.get("/metrics?group_by=region").json()["data"]) == regions
         grain = client.get("/metrics?limit=1000").json()
         assert grain["paging"]["total_rows"] == rows
         assert len(grain["data"]) == min(1000, rows)
@@ -382,32 +338,23 @@ def test_a_null_count_counts_as_zero_and_a_name_that_is_a_number_is_text(tmp_pat
         db.execute("CREATE TABLE dim_age_group (age_id INTEGER PRIMARY KEY, age_range)")
         db.execute("INSERT INTO dim_age_group SELECT * FROM old_age")
         db.execute("UPDATE dim_age_group SET age_range = 18 WHERE age_id = ?", [age_id])
-        db.execute(
-            "UPDATE dim_age_group SET age_range = 0.1 + 0.2 WHERE age_id != ?", [age_id]
-        )
+        db.execute("UPDATE dim_age_group SET age_range = 0.1 + 0.2 WHERE age_id != ?",
+                   [age_id])  # fmt: skip
         db.execute("DROP TABLE old_age")
-        db.execute(
-            "UPDATE fact_ad_metrics_daily SET impressions = NULL, clicks = NULL, "
-            "cost = NULL, conversions = NULL, likes = NULL WHERE age_id = ?",
-            [age_id],
+        db.execute("UPDATE fact_ad_metrics_daily SET impressions = NULL, clicks = NULL, "
+                   "cost = NULL, conversions = NULL, likes = NULL WHERE age_id = ?", [age_id])  # fmt: skip
+    with TestClient(app_for(path)) as client:
+        assert client.get("/dimensions").json()["age_group"] == ["0.3", "18"]
+        rows = csv_rows(client.get("/metrics?age_group=18&format=csv"))
+        assert rows and {(r["age_group"], r["impressions"], r["cost"], r["ctr"])
+                         for r in rows} == {("18", "0", "0.0", "")}  # fmt: skip
+        page = client.get("/metrics?age_group=18&group_by=age_group").json()
+        assert page["data"] == [{"age_group": "18", **page["totals"]}]
+        assert page["totals"]["impressions"] == 0 and page["totals"]["ctr"] is None
+        by_age = client.get(
+            "/metrics", params={"age_group": "0.3", "group_by": "age_group"}
         )
-    with TestClient(main.create_app(main.Settings(db_path=str(path)))) as client:
-        assert "18" in client.get("/dimensions").json()["age_group"]
-        for query in ("", "group_by=age_group", "format=csv"):
-            answer = client.get(f"/metrics?age_group=18&{query}")
-            if query.endswith("csv"):
-                rows = list(csv.DictReader(io.StringIO(answer.text)))
-                assert rows and all(row["cost"] == "0.0" for row in rows)
-                continue
-            page = main.MetricsPage.model_validate(answer.json())
-            assert page.data and {row.age_group for row in page.data} == {"18"}
-            assert {(row.impressions, row.cost, row.ctr) for row in page.data} == {
-                (0, 0.0, None)
-            }
-        [real] = [n for n in client.get("/dimensions").json()["age_group"] if n != "18"]
-        listed = {"age_group": real, "group_by": "age_group"}  # 0.1 + 0.2, as listed
-        by_age = client.get("/metrics", params=listed).json()["data"]
-        assert [row["age_group"] for row in by_age] == [real]
+        assert [row["age_group"] for row in by_age.json()["data"]] == ["0.3"]
 
 
 @pytest.mark.parametrize(
@@ -418,95 +365,60 @@ def test_a_null_count_counts_as_zero_and_a_name_that_is_a_number_is_text(tmp_pat
 def test_a_date_that_is_not_a_yyyy_mm_dd_text_stops_start_up(tmp_path, value, shown):
     path = build_db(tmp_path / "ads.db")
     with sqlite3.connect(path) as db:
-        db.execute(
-            f"UPDATE dim_date SET date_value = {value} WHERE date_id = ?",
-            [SHUFFLED_IDS[DAYS[0]]],
-        )
-    app = main.create_app(main.Settings(db_path=str(path)))
-    with pytest.raises(main.StartupError) as stopped, TestClient(app):
+        db.execute(f"UPDATE dim_date SET date_value = {value} WHERE date_id = ?",
+                   [SHUFFLED_IDS[DAYS[0]]])  # fmt: skip
+    with pytest.raises(main.StartupError) as stopped, TestClient(app_for(path)):
         pass
     assert str(stopped.value) == (
         f"database {path} cannot be read: dim_date holds {shown}, not a YYYY-MM-DD date"
     )
 
 
-def test_a_fact_row_with_an_unknown_date_matches_no_date_range(client):
-    days = client.get("/metrics?group_by=date").json()["data"]
-    assert days[0]["date"] is None  # nulls first, as SQL sorts them
-    every_day = {"start_date": "2000-01-01", "end_date": "2099-12-31"}
-    ranged = client.get("/metrics", params=every_day).json()["totals"]
-    unknown = sum(f["impressions"] for f in FACTS if f["day"] is None)
-    assert (
-        unknown
-        and ranged["impressions"] == sum(f["impressions"] for f in FACTS) - unknown
-    )
-
-
-@settings(
-    max_examples=200,
+HYPOTHESIS = settings(
     deadline=None,
+    derandomize=True,  # the same examples in every run: CI never meets a new one
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
+
+
+@settings(HYPOTHESIS, max_examples=200)
 @given(params=st.deferred(lambda: VALID))
 def test_any_valid_query_matches_the_reference(client, params):
     check_page(client.get("/metrics", params=params), params)
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@settings(HYPOTHESIS, max_examples=50)
 @given(params=st.deferred(lambda: VALID), data=st.data())
 def test_totals_never_depend_on_grouping_order_or_page(client, params, data):
-    """Orphan ids of every dimension included: a filter's totals are its row in the
-    unfiltered breakdown, and no group_by, sort, limit or offset changes the totals."""
+    """Orphan ids included: a filter's totals are its row in the unfiltered breakdown,
+    and no group_by, sort, limit or offset changes the totals."""
+    plain = {k: v for k, v in params.items() if k not in ("group_by", "sort", "limit", "offset")}  # fmt: skip
 
     def totals(**more):
-        return client.get("/metrics", params={**params, **more}).json()["totals"]
+        return client.get("/metrics", params={**plain, **more}).json()["totals"]
 
-    plain = {
-        k: v
-        for k, v in params.items()
-        if k not in ("group_by", "sort", "limit", "offset")
-    }
-    expected = client.get("/metrics", params=plain).json()["totals"]
-    assert totals() == expected
+    expected = totals()
     assert totals(group_by="month", sort="-cost", limit="1", offset="2") == expected
     dim = data.draw(st.sampled_from(list(DIMS)))
-    rows = client.get(
-        "/metrics", params={**plain, dim: [], "group_by": dim, "limit": "1000"}
-    )
-    for row in rows.json()["data"]:
+    rows = client.get("/metrics", params={**plain, dim: [], "group_by": dim}).json()
+    for row in rows["data"]:
         if row[dim] is not None:  # an unknown id has no name to filter by
-            only = client.get("/metrics", params={**plain, dim: row[dim]}).json()[
-                "totals"
-            ]
-            assert only == {m: row[m] for m in main.METRICS}
+            only = client.get("/metrics", params={**plain, dim: row[dim]}).json()
+            assert only["totals"] == {m: row[m] for m in main.METRICS}
 
 
-@settings(
-    max_examples=400,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@settings(HYPOTHESIS, max_examples=300)
 @given(
-    method=st.sampled_from(["GET"] * 20 + ["POST", "PUT", "DELETE", "PATCH", "HEAD"]),
-    path=st.sampled_from(
-        ["/metrics"] * 20 + ["/dimensions", "/health", "/metrics/", "/nope"]
-    ),
+    method=st.sampled_from(["GET"] * 20 + ["POST", "PUT", "DELETE", "HEAD"]),
+    path=st.sampled_from(["/metrics"] * 20 + ["/dimensions", "/health", "/nope"]),
     valid=st.deferred(lambda: VALID),
-    odd=st.lists(st.deferred(lambda: ODD), max_size=2),  # each as deep as it can reach
-    raw=st.sampled_from(
-        [""] * 10 + ["&", "&&=", "&%", "&%zz=1", "&a=b=c", "&=x", "&limit"]
-    ),
-)
+    odd=st.lists(st.deferred(lambda: ODD), max_size=2),
+    raw=st.sampled_from([""] * 10 + ["&", "&&=", "&%", "&%zz=1", "&a=b=c", "&=x", "&limit"]),
+)  # fmt: skip
 def test_no_request_crashes_the_service_or_breaks_its_schema(
     client, method, path, valid, odd, raw
 ):
-    pairs = [
-        (k, v) for k, vs in valid.items() for v in ([vs] if isinstance(vs, str) else vs)
-    ]
+    pairs = [(k, v) for k, vs in valid.items() for v in ([vs] if isinstance(vs, str) else vs)]  # fmt: skip
     query = "&".join(
         f"{quote(k, safe='')}={quote(v, safe=',')}" for k, v in [*pairs, *odd]
     )
@@ -519,18 +431,12 @@ def test_no_request_crashes_the_service_or_breaks_its_schema(
     body = response.json()
     if response.status_code == 422:
         for error in body["detail"]:
-            assert (
-                set(error) >= {"type", "loc", "msg", "input"}
-                and error["loc"][0] == "query"
-            )
+            assert set(error) >= {"type", "loc", "msg", "input"}
+            assert error["loc"][0] == "query"
             assert error["msg"].startswith(str(error["loc"][-1]))
-    elif response.status_code in (404, 405):
-        assert isinstance(body["detail"], str)
-    elif path == "/metrics":  # the body SQLite wrote holds to the documented model
+    elif path == "/metrics" and response.status_code == 200:
         page = main.MetricsPage.model_validate(body)
-        assert len(page.data) <= page.paging.limit and set(body["totals"]) == set(
-            main.METRICS
-        )
+        assert len(page.data) <= page.paging.limit
 
 
 # CSV export ----------------------------------------------------------------------------
@@ -538,30 +444,27 @@ def test_no_request_crashes_the_service_or_breaks_its_schema(
 
 @pytest.mark.parametrize(
     "params",
-    [
-        {},
-        {"group_by": "placement,week", "sort": "-cpm"},
-        {"group_by": "region", "region": "Mike,alpha"},
-    ],
-)
-def test_a_csv_holds_every_row_the_json_pages_hold(client, params):
+    [{}, {"group_by": "placement,week", "sort": "-cpm"},
+     {"group_by": "region", "region": "Mike,alpha"},
+     {"group_by": "date,placement", "sort": "-clicks", "limit": "7", "offset": "5"}],
+)  # fmt: skip
+def test_a_csv_holds_the_rows_the_json_pages_hold(client, params):
     response = client.get("/metrics", params={**params, "format": "csv"})
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/csv; charset=utf-8"
     assert (
         response.headers["content-disposition"] == 'attachment; filename="metrics.csv"'
     )
-    assert "\r\n" in response.text and response.text.endswith("\r\n")
-    header, *rows = list(csv.reader(io.StringIO(response.text)))
-    pages = walk(client, {**params, "limit": "1000"})
-    assert (
-        header == list(pages[0]) == (values(params, "group_by") or GRAIN) + main.METRICS
-    )
-    assert len(rows) == len(pages) == len(reference(params)[0])
-    for line, row in zip(rows, pages):
-        assert [from_csv(text, row[name]) for text, name in zip(line, header)] == list(
-            row.values()
-        )
+    assert response.text.endswith("\r\n") and response.text.count("\n") == response.text.count("\r\n")  # fmt: skip
+    header = response.text.split("\r\n")[0].split(",")
+    assert header == (values(params, "group_by") or GRAIN) + main.METRICS
+    if "limit" in params:  # that page, else every row
+        json_rows = client.get("/metrics", params=params).json()["data"]
+    else:
+        json_rows = walk(client, {**params, "limit": "1000"})
+    assert [{k: from_csv(v, row[k]) for k, v in line.items()}
+            for line, row in zip(csv_rows(response), json_rows)] == json_rows  # fmt: skip
+    assert len(csv_rows(response)) == len(json_rows)
 
 
 def test_a_csv_of_no_rows_is_its_header_line(client):
@@ -573,69 +476,49 @@ def test_a_csv_of_no_rows_is_its_header_line(client):
     )
 
 
-def test_a_csv_with_limit_and_offset_is_that_page(client):
-    params = {
-        "group_by": "date,placement",
-        "sort": "-clicks",
-        "limit": "7",
-        "offset": "5",
-    }
-    header, *rows = list(
-        csv.reader(
-            io.StringIO(client.get("/metrics", params={**params, "format": "csv"}).text)
-        )
-    )
-    page = client.get("/metrics", params=params).json()["data"]
-    assert [
-        [from_csv(t, r[n]) for t, n in zip(line, header)] for line, r in zip(rows, page)
-    ] == [list(r.values()) for r in page]
-    assert len(rows) == 7
-
-
-def test_a_csv_download_the_client_leaves_frees_everything_it_held(big_db):
-    async def leave_three_times():
-        database = main.Database(str(big_db), timeout=5, size=1)
-        await database.check()
-        snapshot, threads = database.snapshot(), threading.active_count()
-        groups, rows, _, params = main.metrics_sql(main.MetricsQuery(), {}, snapshot)
-        sql = f"WITH {groups} {rows}"
-        try:
-            for _ in range(3):  # a heavy export: a turn, and a connection of its own
-                chunks = database.export(snapshot, sql, [*params, -1, 0], heavy=True)
-                assert len(await anext(chunks)) == 1000
-                await chunks.aclose()
-                assert threading.active_count() == threads  # its thread has ended
-                assert snapshot.pool.idle.qsize() == 1  # the pool's was never taken
-            async with asyncio.timeout(1):  # and every turn is free again
-                for _ in range(os.cpu_count() or 2):
-                    await database.turns.acquire()
-        finally:
-            await database.close()
-
-    asyncio.run(leave_three_times())
-
-
-def test_the_time_limit_bounds_a_csv_s_first_rows_not_the_download(big_db):
-    settings = main.Settings(db_path=str(big_db), query_timeout=0.1)
-    with TestClient(main.create_app(settings)) as client:
+def test_the_time_limit_bounds_a_csv_s_first_rows_not_the_download(big_db, tmp_path):
+    with TestClient(app_for(big_db, query_timeout=0.2, heartbeat=tmp_path)) as client:
         began = time.monotonic()
         response = client.get("/metrics?format=csv")
-        took = time.monotonic() - began
         [[facts]] = sqlite3.connect(big_db).execute(
             "SELECT count(*) FROM fact_ad_metrics_daily"
         )
         assert response.status_code == 200 and response.text.count("\r\n") == facts + 1
-        assert took > 0.1  # longer than the limit, and it still completed
-        heavy = (
-            "group_by=region,age_group,gender,platform,placement,device_type&sort=-ctr"
-        )
-        response = client.get(
-            f"/metrics?format=csv&{heavy}"
-        )  # its first row comes too late
-        assert (
-            response.status_code == 503
-            and response.headers["content-type"] == "application/json"
-        )
+        assert time.monotonic() - began > 0.2  # longer than the limit, and complete
+        late = client.get(f"/metrics?format=csv&{HEAVY}")  # its first row is too late
+        assert late.status_code == 503 and "took longer than 0.2 s" in late.text
+
+
+def test_downloads_stream_with_flat_memory_free_what_they_hold_and_are_capped(
+    big_db, tmp_path
+):
+    server, url = serve(big_db, tmp_path / "server.log")
+    port, stalled = int(url.rsplit(":", 1)[1]), []
+    try:
+        httpx.get(f"{url}/metrics?format=csv&limit=10")  # warm up
+        before = memory(server, "VmRSS")
+        whole = httpx.get(f"{url}/metrics?format=csv", timeout=60)
+        assert whole.status_code == 200 and "content-length" not in whole.headers
+        assert len(whole.content) > 8_000_000  # streamed, in far less memory:
+        assert memory(server, "VmHWM") - before < 25
+        threads = len(os.listdir(f"/proc/{server.pid}/task"))
+        for _ in range(12):  # more than the cap, each left mid-download
+            start_download(port).close()
+        time.sleep(0.5)
+        stalled += [start_download(port) for _ in range(8)]  # the cap: all free again
+        one_more = httpx.get(f"{url}/metrics?format=csv")
+        assert one_more.status_code == 503
+        assert one_more.json() == {"detail": "8 downloads are under way; retry later"}
+        assert httpx.get(f"{url}/metrics?group_by=platform").status_code == 200
+        for download in stalled:
+            download.close()
+        wait_until(lambda: len(os.listdir(f"/proc/{server.pid}/task")) <= threads)
+        assert httpx.get(f"{url}/metrics?format=csv&limit=1").status_code == 200
+    finally:
+        for download in stalled:
+            download.close()
+        stop(server)
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
 # Conditional requests ------------------------------------------------------------------
@@ -650,7 +533,6 @@ def test_an_answer_s_etag_brings_a_304_without_running_a_query(
     first = client.get(url)
     tag = first.headers["etag"]
     assert first.status_code == 200 and first.headers["cache-control"] == "no-cache"
-    assert tag.startswith('"') and tag.endswith('"')
 
     def no_query(*args):
         raise AssertionError("a query ran")
@@ -664,43 +546,55 @@ def test_an_answer_s_etag_brings_a_304_without_running_a_query(
     if url.startswith("/metrics"):  # while another tag does run the query
         with pytest.raises(AssertionError, match="a query ran"):
             client.get(url, headers={"If-None-Match": '"other"'})
+    if url.startswith("/metrics"):  # a bad request is a 422, whatever its tag
+        bad = client.get(f"{url}&region=Atlantis", headers={"If-None-Match": "*"})
+        assert bad.status_code == 422
 
 
-def test_a_bad_request_is_a_422_whatever_tag_it_holds(client):
-    response = client.get("/metrics?region=Atlantis", headers={"If-None-Match": "*"})
-    assert response.status_code == 422
+def test_each_request_has_its_own_tag_and_every_instance_the_same(db_path, tmp_path):
+    urls = ["/metrics", "/metrics?limit=5", "/metrics?limit=5&format=csv",
+            "/metrics?group_by=week", "/dimensions"]  # fmt: skip
+    tags = []
+    for name in ("one", "two"):  # two workers, say, or a restart
+        with TestClient(app_for(db_path, heartbeat=tmp_path / name)) as client:
+            tags.append([client.get(url).headers["etag"] for url in urls])
+    assert tags[0] == tags[1] and len(set(tags[0])) == len(urls)
 
 
-def test_each_request_has_its_own_tag(client):
-    urls = [
-        "/metrics",
-        "/metrics?limit=5",
-        "/metrics?limit=5&format=csv",
-        "/metrics?group_by=week",
-        "/dimensions",
-    ]
-    assert len({client.get(url).headers["etag"] for url in urls}) == len(urls)
-
-
-def test_a_write_in_place_changes_every_tag_within_a_second(served, db_path):
-    client = served
-    tags = {
-        url: client.get(url).headers["etag"]
-        for url in ("/metrics?group_by=week", "/dimensions")
-    }
-    with sqlite3.connect(db_path) as db:
-        db.execute("UPDATE fact_ad_metrics_daily SET likes = likes + 1 WHERE rowid = 1")
-    changed_at = time.monotonic()
-    for url, tag in tags.items():
-        headers = {"If-None-Match": tag}
-        wait_until(lambda u=url, h=headers: client.get(u, headers=h).status_code == 200)
-    assert time.monotonic() - changed_at < 1.0
+@pytest.mark.parametrize("journal_mode", ["wal", "delete"])
+def test_any_write_changes_the_tag_even_two_within_one_clock_tick(
+    db_path, journal_mode
+):
+    set_journal_mode(db_path, journal_mode)
+    url, likes = "/metrics?group_by=week", sum(f["likes"] for f in FACTS)
+    with TestClient(app_for(db_path)) as client:
+        client.get(url)
+        time.sleep(0.15)  # the -wal SQLite created as the service opened it settles
+        tag = client.get(url).headers["etag"]
+        assert client.get(url, headers={"If-None-Match": tag}).status_code == 304
+        add_a_like(db_path)
+        first = client.get(url, headers={"If-None-Match": tag})
+        assert first.status_code == 200 and first.json()["totals"]["likes"] == likes + 1
+        # A second write of the same size, its clock tick the first one's.
+        stamps = {
+            f: os.stat(f) for f in (db_path, f"{db_path}-wal") if os.path.exists(f)
+        }
+        add_a_like(db_path)
+        for f, st in stamps.items():
+            os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+        second = client.get(url, headers={"If-None-Match": first.headers["etag"]})
+        assert (
+            second.status_code == 200 and second.json()["totals"]["likes"] == likes + 2
+        )
+        time.sleep(0.15)  # once the file has settled, its tag holds again
+        tag = client.get(url).headers["etag"]
+        assert client.get(url, headers={"If-None-Match": tag}).status_code == 304
 
 
 # GET /dimensions and GET /health -------------------------------------------------------
 
 
-def test_dimensions_lists_values_in_table_order(client):
+def test_dimensions_lists_names_in_table_order(client):
     response = client.get("/dimensions")
     assert response.status_code == 200
     assert response.json() == {
@@ -709,12 +603,11 @@ def test_dimensions_lists_values_in_table_order(client):
     }
 
 
-def test_health_reports_the_database_and_the_heartbeat(client):
-    # The start-up run lands a moment after start-up; until then last_run is null.
+def test_health_reports_the_data_and_the_heartbeat(client):
     body = wait_until(
         lambda: (b := client.get("/health").json())["scheduler"]["last_run"] and b
     )
-    [(slot, ran_at, _)] = job_runs(client.app.state.settings.db_path)
+    [(slot, ran_at, _)] = job_runs(client.app.state.settings.heartbeat_db)
     assert body == {
         "status": "ok",
         "scheduler": {
@@ -727,74 +620,45 @@ def test_health_reports_the_database_and_the_heartbeat(client):
             "last_run": {"slot": slot, "ran_at": ran_at},
         },
     }
-    assert slot.endswith(
-        ("T00:00:00+00:00", "T06:00:00+00:00", "T12:00:00+00:00", "T18:00:00+00:00")
-    )
+    assert slot.endswith(("T00:00:00+00:00", "T06:00:00+00:00", "T12:00:00+00:00",
+                          "T18:00:00+00:00"))  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "job_runs",
-    ["CREATE TABLE job_runs (x)", "CREATE TABLE job_runs (slot, ran_at, pid)"],
-)
-def test_a_job_runs_table_not_ours_never_stops_the_metrics(db_path, job_runs, caplog):
-    with sqlite3.connect(db_path) as db:
-        db.execute(job_runs)
-        if "slot" in job_runs:
-            db.execute("INSERT INTO job_runs VALUES ('not a slot', 'never', 0)")
-    with TestClient(main.create_app(main.Settings(db_path=str(db_path)))) as client:
-        assert client.get("/metrics?group_by=platform").status_code == 200
-        health = client.get("/health")
-        assert health.status_code == 200 and health.json()["status"] == "ok"
+def test_health_is_right_from_the_first_request(db_path, tmp_path):
+    slot = slot_at(time.time(), 21600)
+    heartbeat_db = tmp_path / "heartbeat.db"
+    with sqlite3.connect(heartbeat_db) as db:  # another worker ran the latest slot
+        db.execute(main.JOB_RUNS_SQL)
+        db.execute("INSERT INTO job_runs VALUES (?, ?, 1)", [slot, slot])
+    with TestClient(app_for(db_path)) as client:
+        scheduler = client.get("/health").json()["scheduler"]
+    assert scheduler["last_run"] == {"slot": slot, "ran_at": slot}
+    assert scheduler["overdue"] is False
 
 
 @pytest.mark.parametrize(
     "last_slot_age, seconds_into_slot, overdue",
-    [
-        (0, 30, False),
-        (0, 3600, False),
-        (None, 30, False),
-        (None, 61, True),
-        (1, 61, True),
-    ],
-)
+    [(0, 30, False), (0, 3600, False), (None, 30, False), (None, 61, True), (1, 61, True)],
+)  # fmt: skip
 def test_health_says_overdue_when_the_latest_slot_has_no_run_after_a_minute(
-    last_slot_age, seconds_into_slot, overdue, monkeypatch
+    last_slot_age, seconds_into_slot, overdue
 ):
     heartbeat = main.Heartbeat("unused.db", 21600)
     now = 1_800_000_000 // 21600 * 21600 + seconds_into_slot
-    monkeypatch.setattr(main.time, "time", lambda: now)
-    slot = datetime.fromtimestamp(
-        now // 21600 * 21600 - 21600 * (last_slot_age or 0), UTC
-    )
-    last_run = (
-        None if last_slot_age is None else {"slot": slot.isoformat(), "ran_at": "…"}
-    )
-    assert heartbeat.state(last_run)["overdue"] is overdue
-
-
-# OpenAPI ---------------------------------------------------------------------------------
+    slot = slot_at(now - 21600 * (last_slot_age or 0), 21600)
+    last_run = None if last_slot_age is None else {"slot": slot, "ran_at": "…"}
+    assert heartbeat.overdue(last_run, now) is overdue
 
 
 def test_openapi_documents_every_parameter_and_response(client):
     spec = client.get("/openapi.json").json()
     operation = spec["paths"]["/metrics"]["get"]
     params = {p["name"]: p for p in operation["parameters"]}
-    assert set(params) == {
-        "start_date",
-        "end_date",
-        *DIMS,
-        "group_by",
-        "sort",
-        "limit",
-        "offset",
-        "format",
-    }
+    assert list(params) == ["start_date", "end_date", *DIMS, "group_by", "sort",
+                            "limit", "offset", "format"]  # fmt: skip
     assert all(p["in"] == "query" and p.get("description") for p in params.values())
-    assert (
-        params["limit"]["schema"]["minimum"],
-        params["limit"]["schema"]["maximum"],
-    ) == (1, 1000)
-    assert params["offset"]["schema"]["minimum"] == 0
+    limit = params["limit"]["schema"]
+    assert (limit["minimum"], limit["maximum"]) == (1, 1000)
     assert params["group_by"]["schema"]["items"]["enum"] == [
         "date",
         "week",
@@ -806,32 +670,54 @@ def test_openapi_documents_every_parameter_and_response(client):
     content = operation["responses"]["200"]["content"]
     assert content["application/json"]["schema"]["$ref"].endswith("/MetricsPage")
     assert "text/csv" in content
-    assert "304" in spec["paths"]["/dimensions"]["get"]["responses"]
+    assert {"200", "304", "503"} <= set(
+        spec["paths"]["/dimensions"]["get"]["responses"]
+    )
 
 
-# The file under the service: changed, replaced, removed, locked ------------------------
+# The file under the service: written, reseeded, removed, replaced ----------------------
 
 
 @pytest.mark.parametrize("journal_mode", ["wal", "delete"])
-def test_seed_force_over_the_served_file_never_damages_it(tmp_path, journal_mode):
+def test_rows_dates_and_names_written_in_place_are_served_at_once(
+    db_path, journal_mode
+):
+    set_journal_mode(db_path, journal_mode)
+    with TestClient(app_for(db_path)) as client:
+        assert client.get("/metrics?region=Arctic").status_code == 422
+        with sqlite3.connect(db_path) as db:  # a loader adds a day and a region
+            db.execute("INSERT INTO dim_region VALUES (11, 'Arctic')")
+            db.execute("INSERT INTO dim_date VALUES (300, '2025-02-16')")
+            db.execute("INSERT INTO fact_ad_metrics_daily VALUES "
+                       "(300, 11, 4, 2, 9, 1, 8, 500, 5, 1.25, 1, 2)")  # fmt: skip
+        response = client.get("/metrics?region=arctic")
+        assert response.status_code == 200
+        [row] = response.json()["data"]
+        assert (row["date"], row["region"], row["impressions"]) == (
+            "2025-02-16",
+            "Arctic",
+            500,
+        )
+        dimensions = client.get("/dimensions").json()
+        assert dimensions["region"][-1] == "Arctic"
+        assert dimensions["date"]["last"] == "2025-02-16"
+
+
+@pytest.mark.parametrize("journal_mode", ["wal", "delete"])
+def test_seed_force_over_the_served_file_is_served_within_2_s_and_leaves_it_whole(
+    tmp_path, journal_mode
+):
     path = tmp_path / "ads.db"
     seed.seed(path, days=5, density=0.05)
-    sqlite3.connect(path).execute(
-        f"PRAGMA journal_mode = {journal_mode}"
-    ).connection.close()
-    settings = main.Settings(db_path=str(path), heartbeat_interval=1)
-    with TestClient(main.create_app(settings)) as client:
-        wait_until(lambda: len(job_runs(path)) >= 2)  # heartbeats are writing to it
+    set_journal_mode(path, journal_mode)
+    with TestClient(app_for(path)) as client:
+        assert client.get("/dimensions").json()["date"]["last"] == "2025-01-05"
         seed.seed(path, days=9, density=0.05, force=True)
         reseeded = time.monotonic()
         wait_until(
             lambda: client.get("/dimensions").json()["date"]["last"] == "2025-01-09"
         )
         assert time.monotonic() - reseeded < 2
-        wait_until(lambda: len(job_runs(path)) >= 2)  # and go on writing
-        assert client.get("/metrics?group_by=date").json()["paging"]["total_rows"] == 9
-    assert integrity(path) == "ok"
-    with TestClient(main.create_app(settings)) as client:  # a restart works
         assert client.get("/metrics?group_by=date").json()["paging"]["total_rows"] == 9
     assert integrity(path) == "ok"
     assert (
@@ -841,184 +727,62 @@ def test_seed_force_over_the_served_file_never_damages_it(tmp_path, journal_mode
 
 
 @pytest.mark.parametrize("journal_mode", ["wal", "delete"])
-def test_a_seed_force_killed_while_copying_leaves_the_old_data_whole(
+def test_a_removed_file_is_a_503_naming_it_never_recreated_and_served_once_back(
     tmp_path, journal_mode
 ):
-    target = tmp_path / "ads.db"
-    seed.seed(target, days=3)
-    sqlite3.connect(target).execute(
-        f"PRAGMA journal_mode = {journal_mode}"
-    ).connection.close()
-    before = dump(target)
-    journal = Path(f"{target}-{'wal' if journal_mode == 'wal' else 'journal'}")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "seed.py",
-            "--db",
-            str(target),
-            "--days",
-            "200",
-            "--density",
-            "0.45",
-            "--force",
-        ],
-        cwd=HERE,
-    )
-    # The copy into the target is under way once it has a journal with pages in it.
-    wait_until(
-        lambda: journal.exists() and journal.stat().st_size > 8192,
-        timeout=60,
-        step=0.001,
-    )
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert dump(target) == before and integrity(target) == "ok"
-
-
-@pytest.mark.parametrize("previous", [False, True])
-def test_a_seed_killed_while_building_leaves_the_previous_database_or_nothing(
-    tmp_path, previous
-):
-    target = tmp_path / "ads.db"
-    if previous:
-        seed.seed(target, days=3)
-        before = dump(target)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "seed.py",
-            "--db",
-            str(target),
-            "--days",
-            "365",
-            "--density",
-            "0.45",
-            "--force",
-        ],
-        cwd=HERE,
-    )
-    wait_until(lambda: list(tmp_path.glob(".ads.db.*.tmp")))  # it is writing
-    time.sleep(0.5)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    assert (dump(target) == before) if previous else not target.exists()
-
-
-def test_a_removed_file_is_a_503_naming_it_and_is_never_recreated(tmp_path):
     path = build_db(tmp_path / "ads.db")
-    settings = main.Settings(db_path=str(path), heartbeat_interval=1)
-    with TestClient(main.create_app(settings)) as client:
-        wait_until(lambda: job_runs(path))
+    set_journal_mode(path, journal_mode)
+    shutil.copy(path, tmp_path / "spare.db")
+    with TestClient(app_for(path, heartbeat_interval=1)) as client:
+        assert status_of(client) == (200, 200)
         path.unlink()
-        wait_until(lambda: status_of(client) == (503, 503))
-        assert client.get("/metrics").json() == {
-            "detail": f"database {path} is missing"
-        }
-        assert client.get("/health").json()["reason"] == f"database {path} is missing"
-        time.sleep(2.5)  # two heartbeat slots pass
-        assert not path.exists()
-        build_db(path)  # put back: served again, and the heartbeat resumes
-        wait_until(lambda: status_of(client) == (200, 200))
-        check_page(client.get("/metrics?group_by=week"), {"group_by": "week"})
-        wait_until(lambda: job_runs(path), timeout=3)
-
-
-@pytest.mark.parametrize("how", ["renamed over it", "removed, then copied back"])
-def test_a_wal_file_replaced_while_none_reads_is_served_and_left_whole(tmp_path, how):
-    path, new = tmp_path / "ads.db", tmp_path / "new.db"
-    for db, days in ((path, 3), (new, 6)):
-        seed.seed(db, days=days, density=0.05)
-        sqlite3.connect(db).execute("PRAGMA journal_mode = wal").connection.close()
-    pristine = dump(new)
-    settings = main.Settings(db_path=str(path), heartbeat_interval=1)
-    with TestClient(main.create_app(settings)) as client:
-        wait_until(lambda: len(job_runs(path)) >= 2)  # the heartbeat wrote to the WAL
-        if how == "renamed over it":
-            os.replace(new, path)
-        else:
-            path.unlink()
-            wait_until(lambda: status_of(client) == (503, 503))
-            shutil.copy(new, path)
-        dates = lambda: client.get("/dimensions").json().get("date", {}).get("last")
-        wait_until(lambda: dates() == "2025-01-06", timeout=5)
-        wait_until(lambda: len(job_runs(path)) >= 2)  # the heartbeat writes to it
-        assert client.get("/metrics?group_by=date").json()["paging"]["total_rows"] == 6
-    assert integrity(path) == "ok"  # which reads, and checkpoints, what the WAL holds
-    assert dump(path) == pristine
-
-
-def test_a_csv_asked_for_as_the_file_goes_is_a_503(tmp_path):
-    path = build_db(tmp_path / "ads.db")
-    with TestClient(main.create_app(main.Settings(db_path=str(path)))) as client:
-        path.unlink()  # asked for before the service looks at the path again
-        answer = client.get("/metrics?format=csv")
-        assert answer.status_code == 503 and str(path) in answer.json()["detail"]
-
-
-def test_a_file_corrupted_in_place_is_a_503_until_it_is_mended(client, db_path):
-    good = db_path.read_bytes()
-    with db_path.open("r+b") as f:  # the same file, its content overwritten
-        f.write(b"this is no longer a database" * 200)
-    wait_until(lambda: status_of(client) == (503, 503))
-    assert (
-        "cannot be read: file is not a database"
-        in client.get("/metrics").json()["detail"]
-    )
-    db_path.write_bytes(good)
-    wait_until(lambda: status_of(client) == (200, 200))
-    check_page(client.get("/metrics?sort=-cost"), {"sort": "-cost"})
-
-
-def test_rows_dates_and_names_written_in_place_are_served_within_a_second(
-    served, db_path
-):
-    client = served
-    with sqlite3.connect(db_path) as db:
-        db.execute("INSERT INTO dim_region VALUES (11, 'Arctic')")
-        db.execute("INSERT INTO dim_date VALUES (300, '2025-02-16')")
-        db.execute(
-            "INSERT INTO fact_ad_metrics_daily VALUES (300, 11, 4, 2, 9, 1, 8, 500, 5, 1.25, 1, 2)"
+        missing = {"detail": f"database {path} is missing"}
+        for url in ("/metrics", "/metrics?format=csv", "/dimensions"):
+            answer = client.get(url)
+            assert (answer.status_code, answer.json()) == (503, missing)
+        health = client.get("/health")
+        assert (
+            health.status_code == 503 and health.json()["reason"] == missing["detail"]
         )
-    written = time.monotonic()
-    response = wait_until(
-        lambda: (r := client.get("/metrics?region=arctic")).status_code == 200 and r
-    )
-    assert time.monotonic() - written < 1.0
-    assert response.json()["data"][0]["date"] == "2025-02-16"
-    assert response.json()["totals"]["impressions"] == 500
-    assert client.get("/dimensions").json()["region"][-1] == "Arctic"
+        time.sleep(1.5)  # a heartbeat slot passes
+        assert not path.exists()
+        shutil.copy(tmp_path / "spare.db", path)
+        check_page(client.get("/metrics?group_by=week"), {"group_by": "week"})
+        assert status_of(client) == (200, 200)
+
+
+def test_a_file_corrupted_in_place_is_a_503_until_it_is_mended(db_path):
+    good = db_path.read_bytes()
+    with TestClient(app_for(db_path)) as client:
+        with db_path.open("r+b") as f:  # the same file, its content overwritten
+            f.write(b"this is no longer a database" * 200)
+        assert status_of(client) == (503, 503)
+        assert "cannot be read: file is not a database" in client.get("/metrics").text
+        db_path.write_bytes(good)
+        check_page(client.get("/metrics?sort=-cost"), {"sort": "-cost"})
 
 
 def test_a_file_replaced_under_load_is_followed_with_no_500_and_few_503s(tmp_path):
     path = build_db(tmp_path / "ads.db")
-    copies = [
-        build_db(tmp_path / f"copy{i}.db", v)
-        for i, v in enumerate(["plain", "no unique key"])
-    ]
+    copies = [build_db(tmp_path / f"copy{i}.db", v) for i, v in enumerate(["plain", "no unique key"])]  # fmt: skip
     server, url = serve(path, tmp_path / "server.log")
+    statuses, errors, done = [], [], threading.Event()
+
+    def ask():
+        with httpx.Client(base_url=url, timeout=30) as http:
+            while not done.is_set():
+                try:
+                    statuses.append(
+                        http.get("/metrics?group_by=week,region&limit=5").status_code
+                    )
+                except httpx.HTTPError as e:
+                    errors.append(e)
+
+    clients = [threading.Thread(target=ask) for _ in range(12)]
     try:
-        statuses, errors, done = [], [], threading.Event()
-
-        def ask():
-            with httpx.Client(base_url=url, timeout=30) as http:
-                while not done.is_set():
-                    try:
-                        statuses.append(
-                            http.get(
-                                "/metrics?group_by=week,region&limit=5"
-                            ).status_code
-                        )
-                    except httpx.HTTPError as e:
-                        errors.append(e)
-
-        clients = [threading.Thread(target=ask) for _ in range(12)]
         for thread in clients:
             thread.start()
-        until = time.monotonic() + 6
-        for i in range(10**6):
-            if time.monotonic() > until:
-                break
+        for i in range(15):  # a new file every 0.3 s (the bench does it for 15 s)
             shutil.copy(copies[i % 2], tmp_path / "next.db")
             os.replace(tmp_path / "next.db", path)
             time.sleep(0.3)
@@ -1027,185 +791,102 @@ def test_a_file_replaced_under_load_is_followed_with_no_500_and_few_503s(tmp_pat
             thread.join()
         assert not errors and statuses
         assert 500 not in statuses and statuses.count(503) <= len(statuses) * 0.05
-        time.sleep(1)
         assert {
-            httpx.get(f"{url}/metrics?group_by=week").status_code for _ in range(20)
+            httpx.get(f"{url}/metrics?group_by=week").status_code for _ in range(5)
         } == {200}
     finally:
+        done.set()
         stop(server)
     assert "Traceback" not in (tmp_path / "server.log").read_text()
 
 
-@pytest.mark.parametrize(
-    "sql",
-    [
-        "DELETE FROM dim_region",
-        "UPDATE fact_ad_metrics_daily SET cost = 0",
-        "CREATE TABLE x (y)",
-        "DROP TABLE dim_gender",
-    ],
-)
-def test_query_connections_cannot_write(client, sql):
-    async def write():
-        database = client.app.state.database
-        await database.fetch(database.snapshot(), sql, [])
-
-    with pytest.raises(main.Unavailable, match="attempt to write a readonly database"):
-        client.portal.call(write)
-
-
-# Time limits: one request's limit never reaches another's query -------------------------
-
-
-HEAVY = main.MetricsQuery(
-    group_by=list(main.DIMENSIONS), sort=["-ctr"]
-)  # every combination
-
-
-async def answer(database: "main.Database", query: "main.MetricsQuery") -> tuple:
-    """The service's one row for a JSON answer: the page, the totals, the row count."""
-    snapshot = database.snapshot()
-    filters = main.resolve_filters(query, snapshot)
-    _, _, sql, params = main.metrics_sql(query, filters, snapshot)
-    [row] = await database.fetch(snapshot, sql, [*params, 100, 0])
-    return row
-
-
-def test_a_query_past_the_time_limit_is_stopped_and_the_connection_serves_the_next(
-    big_db,
-):
-    light = main.MetricsQuery(
-        start_date=date(2025, 1, 3), end_date=date(2025, 1, 3), region=["Oceania"]
+@pytest.mark.parametrize("journal_mode", ["wal", "delete"])
+def test_the_data_file_is_never_written(db_path, journal_mode):
+    set_journal_mode(db_path, journal_mode)
+    before = sha256(db_path)
+    with TestClient(app_for(db_path, heartbeat_interval=1)) as client:
+        for params in QUERIES.values():
+            assert client.get("/metrics", params=params).status_code == 200
+        wait_until(lambda: len(job_runs(db_path.parent / "heartbeat.db")) >= 2)
+    assert sha256(db_path) == before
+    tables = (
+        sqlite3.connect(db_path).execute("SELECT name FROM sqlite_master").fetchall()
     )
-
-    async def alternate():
-        database = main.Database(str(big_db), timeout=0.05, size=1)
-        await database.check()
-        for _ in range(
-            20
-        ):  # an interrupt meant for the heavy query never hits the light one
-            with pytest.raises(main.Unavailable) as stopped:
-                await answer(database, HEAVY)
-            assert stopped.value.detail == (
-                "the query took longer than 0.05 s and was stopped; "
-                "narrow the date range, add filters or group by fewer fields"
-            )
-            assert (await answer(database, light))[2] > 0
-        await database.close()
-
-    asyncio.run(alternate())
+    assert ("job_runs",) not in tables  # the heartbeat's runs are in a file of its own
 
 
-def test_waiting_for_a_connection_counts_against_the_same_limit(big_db):
-    async def timed(database):
-        began = time.monotonic()
-        with suppress(main.Unavailable):
-            await answer(database, HEAVY)
-        return time.monotonic() - began
-
-    async def crowd():
-        database = main.Database(str(big_db), timeout=0.5, size=2)
-        await database.check()
-        took = await asyncio.gather(*(timed(database) for _ in range(8)))
-        await database.close()
-        return took
-
-    assert max(asyncio.run(crowd())) <= 0.5 + 0.25
-
-
-def test_heavy_queries_wait_for_a_turn_and_light_ones_do_not(db_path):
-    settings = main.Settings(db_path=str(db_path), query_timeout=0.3)
-    with TestClient(main.create_app(settings)) as client:
-        turns = client.app.state.database.turns
-        for _ in range(os.cpu_count() or 2):  # every heavy turn taken
-            client.portal.call(turns.acquire)
-        heavy = client.get("/metrics?group_by=platform")  # reads every row
-        assert heavy.status_code == 503
-        assert heavy.json() == {
-            "detail": "every connection stayed busy for 0.3 s; retry later"
-        }
-        light = {"start_date": "2025-02-01", "end_date": "2025-02-01", "region": "Zulu"}
-        check_page(client.get("/metrics", params=light), light)
-
-        async def give_back():
-            turns.release()
-
-        client.portal.call(give_back)
-        check_page(client.get("/metrics?group_by=platform"), {"group_by": "platform"})
-
-
-def test_clients_that_leave_a_download_free_its_connection(big_db, tmp_path):
-    server, url = serve(big_db, tmp_path / "server.log", QUERY_TIMEOUT_SECONDS="2")
+def test_a_data_file_the_service_cannot_write_is_served_and_the_heartbeat_goes_on(
+    tmp_path,
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    path = build_db(data / "ads.db")
+    read_only = ["unshare", "-m", "sh", "-c", 'mount --bind -o ro "$0" "$0" && exec "$@"', str(data)]  # fmt: skip
+    touch = [*read_only, "touch", str(data / "x")]
+    probe = subprocess.run(touch, check=False, capture_output=True, text=True)
+    if "Read-only file system" not in probe.stderr:
+        pytest.skip(f"no read-only mount can be made here: {probe.stderr.strip()}")
+    before = sha256(path)
+    server, url = serve(path, tmp_path / "server.log", prefix=read_only,
+                        HEARTBEAT_INTERVAL_SECONDS="1")  # fmt: skip
     try:
-        port = int(url.rsplit(":", 1)[1])
-        for _ in range(12):  # more than the 8 connections, each left mid-download
-            start_download(port).close()
-        # Each heavy request needs a turn and a connection those downloads held.
-        statuses = [httpx.get(f"{url}/metrics?group_by=platform", timeout=10).status_code
-                    for _ in range(3)]  # fmt: skip
-        assert statuses == [200, 200, 200]
-    finally:
-        stop(server)
-    assert "Traceback" not in (tmp_path / "server.log").read_text()
-
-
-def test_downloads_at_once_are_bounded_and_the_next_told_to_retry(big_db, tmp_path):
-    server, url = serve(big_db, tmp_path / "server.log")
-    stalled = []
-    try:
-        port = int(url.rsplit(":", 1)[1])
-        stalled += [start_download(port) for _ in range(8)]  # 10 MB each, unread
-        one_more = httpx.get(f"{url}/metrics?format=csv")
-        assert one_more.status_code == 503
-        assert one_more.json()["detail"] == "8 downloads are under way; retry later"
-        assert httpx.get(f"{url}/metrics?limit=1").status_code == 200
-        stalled.pop().close()
-        wait_until(
-            lambda: httpx.get(f"{url}/metrics?format=csv&limit=1").status_code == 200
+        check_page(
+            httpx.get(f"{url}/metrics?group_by=month,region"),
+            {"group_by": "month,region"},
         )
+        wait_until(lambda: len(job_runs(tmp_path / "heartbeat.db")) >= 2)
     finally:
-        for download in stalled:
-            download.close()
         stop(server)
+    assert sha256(path) == before and sorted(os.listdir(data)) == ["ads.db"]
 
 
-def test_a_replaced_file_s_connections_close_once_its_last_request_gives_up(tmp_path):
-    path = build_db(tmp_path / "ads.db")
+# Time limits: one request's limit never reaches another's query ------------------------
 
-    async def scenario():
-        database = main.Database(str(path), timeout=0.3, size=1)
-        await database.check()
-        old = database.snapshot()
-        for _ in range(os.cpu_count() or 2):  # every turn taken: a heavy request waits
-            await database.turns.acquire()
-        waiting = asyncio.ensure_future(database.fetch(old, "SELECT 1", [], heavy=True))
-        await asyncio.sleep(0.05)
-        os.replace(build_db(tmp_path / "new.db"), path)
-        await database.check()  # a new pool; the old one is retired, a request waits
-        assert database.snapshot().pool is not old.pool and old.pool.idle.qsize() == 1
-        with pytest.raises(main.Unavailable):
-            await waiting
-        assert old.pool.idle.qsize() == 0  # closed as its last request gave up
-        await database.close()
-
-    asyncio.run(scenario())
+HEAVY = "group_by=region,age_group,gender,platform,placement,device_type&sort=-ctr"
+LIGHT = {"start_date": "2025-01-03", "end_date": "2025-01-03", "region": "Oceania"}
 
 
-def test_a_close_cancelled_midway_still_closes_the_connections(db_path):
-    async def cancel_a_close():
-        database = main.Database(str(db_path), 10)
-        await database.check()
-        database.watching = asyncio.create_task(database.watch())
-        closing = asyncio.create_task(database.close())
-        await asyncio.sleep(0)  # close() now waits for the watcher to end
-        closing.cancel()
-        with suppress(asyncio.CancelledError):
-            await closing
-        pool = database.current.pool
-        return pool.retired, pool.watcher, pool.idle.qsize()
+def ask(path: Path, timeout: float, urls: list[str], at_once=True) -> list[tuple]:
+    """Send the requests to one app, together or in turn; each (status, body, secs)."""
 
-    # Each open connection keeps a thread that would keep this process from exiting.
-    assert asyncio.run(cancel_a_close()) == (True, None, 0)
+    async def ask_all():
+        app = app_for(path, query_timeout=timeout)
+        transport = httpx.ASGITransport(app=app)
+        async with main.lifespan(app), httpx.AsyncClient(transport=transport) as http:
+
+            async def one(url):
+                began = time.monotonic()
+                response = await http.get(f"http://test{url}")
+                return response.status_code, response.json(), time.monotonic() - began
+
+            if at_once:
+                return await asyncio.gather(*(one(url) for url in urls))
+            return [await one(url) for url in urls]
+
+    return asyncio.run(ask_all())
+
+
+def test_waiting_and_running_share_one_time_limit(big_db, monkeypatch):
+    monkeypatch.setattr(main, "STATEMENTS", 2)  # eight requests for two connections
+    answers = ask(big_db, 0.5, [f"/metrics?{HEAVY}"] * 8)
+    assert max(seconds for _, _, seconds in answers) <= 0.5 + 0.25
+    stopped = {"detail": "the query took longer than 0.5 s and was stopped; narrow "
+               "the date range, add filters or group by fewer fields"}  # fmt: skip
+    assert stopped in [body for status, body, _ in answers if status == 503]
+    assert {status for status, _, _ in answers} == {200, 503}
+
+
+def test_a_query_past_the_time_limit_stops_and_no_other_request_fails(
+    big_db, monkeypatch
+):
+    monkeypatch.setattr(main, "STATEMENTS", 1)  # one connection: the light ones next
+    light = "/metrics?" + "&".join(f"{k}={quote(v)}" for k, v in LIGHT.items())
+    answers = ask(big_db, 0.1, [f"/metrics?{HEAVY}", light] * 10, at_once=False)
+    assert [status for status, _, _ in answers] == [503, 200] * 10
+    expected = httpx.Response(200, json=answers[1][1])
+    monkeypatch.setattr(main, "STATEMENTS", 4)  # heavy ones alongside light ones
+    answers = ask(big_db, 0.3, [f"/metrics?{HEAVY}"] * 3 + [light] * 20)
+    assert all(body == expected.json() for _, body, _ in answers[3:])
 
 
 # The heartbeat -------------------------------------------------------------------------
@@ -1214,89 +895,72 @@ def test_a_close_cancelled_midway_still_closes_the_connections(db_path):
 @pytest.mark.parametrize("interval", [7, 21600])
 def test_heartbeat_slots_fall_on_the_epoch_grid_across_restarts(db_path, interval):
     for _ in range(2):  # a start, then a restart
-        settings = main.Settings(db_path=str(db_path), heartbeat_interval=interval)
-        with TestClient(main.create_app(settings)) as client:
-            scheduler = client.app.state.heartbeat.scheduler
-            wait_until(
-                lambda s=scheduler: (
-                    s.get_job("heartbeat").next_run_time.timestamp() > time.time()
-                )
-            )
-            next_run = scheduler.get_job("heartbeat").next_run_time.timestamp()
+        with TestClient(app_for(db_path, heartbeat_interval=interval)) as client:
+            job = client.app.state.heartbeat.scheduler.get_job("heartbeat")
+            wait_until(lambda j=job: j.next_run_time.timestamp() > time.time())
+            next_run = job.next_run_time.timestamp()
             assert next_run % interval == 0 and 0 < next_run - time.time() <= interval
             health = client.get("/health").json()["scheduler"]
             assert datetime.fromisoformat(health["next_run_at"]).timestamp() == next_run
-    slots = [
-        datetime.fromisoformat(slot).timestamp() for slot, _, _ in job_runs(db_path)
-    ]
-    assert slots and all(s % interval == 0 for s in slots)
-    if interval == 21600:
-        assert datetime.fromtimestamp(next_run, UTC).hour in (0, 6, 12, 18)
+    runs = job_runs(db_path.parent / "heartbeat.db")
+    assert runs and all(
+        datetime.fromisoformat(s).timestamp() % interval == 0 for s, _, _ in runs
+    )
 
 
-def test_two_instances_on_one_file_record_each_slot_once(db_path, caplog):
-    async def race():
-        beats = [main.Heartbeat(str(db_path), 3600), main.Heartbeat(str(db_path), 3600)]
-        await asyncio.gather(*(beat.run() for beat in beats))
-
+def test_the_latest_slot_runs_at_start_if_it_has_no_run_and_not_again(db_path, caplog):
+    heartbeat_db = db_path.parent / "heartbeat.db"
     with caplog.at_level(logging.INFO, logger="ad_metrics"):
-        for _ in range(10):
-            sqlite3.connect(db_path, isolation_level=None).execute(
-                "DROP TABLE IF EXISTS job_runs"
-            ).connection.close()
-            caplog.clear()
-            asyncio.run(race())
-            assert len(job_runs(db_path)) == 1
-            assert len(heartbeats(caplog)) == 1
-            assert not [
-                r for r in caplog.records if r.levelno >= logging.WARNING
-            ]  # losing is normal
-
-
-def test_the_latest_slot_runs_at_start_if_missing_and_not_again(db_path, caplog):
-    settings = main.Settings(db_path=str(db_path))
-    with caplog.at_level(logging.INFO, logger="ad_metrics"):
-        with TestClient(main.create_app(settings)):
-            [(slot, ran_at, pid)] = wait_until(lambda: job_runs(db_path))
+        with TestClient(app_for(db_path)):
+            [(slot, ran_at, pid)] = wait_until(lambda: job_runs(heartbeat_db))
         assert slot == slot_at(datetime.fromisoformat(ran_at).timestamp(), 21600)
         assert pid == os.getpid()
         assert heartbeats(caplog) == [f"heartbeat slot={slot} ran_at={ran_at}"]
         caplog.clear()
-        with TestClient(main.create_app(settings)) as client:
-            wait_until(
-                lambda: (
-                    client.get("/health").json()["scheduler"]["next_run_at"]
-                    > datetime.now(UTC).isoformat()
-                )
-            )
-        assert job_runs(db_path) == [(slot, ran_at, pid)]
-        assert heartbeats(caplog) == []
+        with TestClient(app_for(db_path)) as client:
+            job = client.app.state.heartbeat.scheduler.get_job("heartbeat")
+            wait_until(lambda: job.next_run_time.timestamp() > time.time())
+        assert (
+            job_runs(heartbeat_db) == [(slot, ran_at, pid)] and heartbeats(caplog) == []
+        )
 
 
-def test_a_claim_waiting_for_the_write_lock_blocks_no_request(db_path):
-    settings = main.Settings(db_path=str(db_path), heartbeat_interval=2)
-    with TestClient(main.create_app(settings)) as client:
-        wait_until(lambda: job_runs(db_path))
-        locker = sqlite3.connect(db_path, isolation_level=None)
-        locker.execute("BEGIN IMMEDIATE")  # the write lock: the next claim has to wait
-        due = (time.time() // 2 + 1) * 2
-        answered = 0
+def test_two_instances_on_one_file_record_each_slot_once(tmp_path, caplog):
+    heartbeat_db = tmp_path / "heartbeat.db"
+
+    async def race():
+        beats = [main.Heartbeat(str(heartbeat_db), 3600) for _ in range(2)]
+        await asyncio.gather(*(beat.run() for beat in beats))
+
+    with caplog.at_level(logging.INFO, logger="ad_metrics"):
+        for _ in range(10):
+            heartbeat_db.unlink(missing_ok=True)
+            caplog.clear()
+            asyncio.run(race())
+            assert len(job_runs(heartbeat_db)) == 1 and len(heartbeats(caplog)) == 1
+            assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_claim_waits_for_the_lock_and_blocks_no_request(db_path):
+    heartbeat_db = db_path.parent / "heartbeat.db"
+    with TestClient(app_for(db_path, heartbeat_interval=2)) as client:
+        wait_until(lambda: job_runs(heartbeat_db))
+        locker = sqlite3.connect(heartbeat_db, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")  # another worker's write: the claim waits
+        due, answered = (time.time() // 2 + 1) * 2, 0
         while time.time() < due + 0.8:  # the run for `due` has started, and waits
             for url in ("/metrics?group_by=platform&sort=-cost", "/health"):
                 assert client.get(url).status_code == 200
                 answered += 1
-        assert slot_at(due, 2) not in [slot for slot, _, _ in job_runs(db_path)]
+        assert slot_at(due, 2) not in [slot for slot, _, _ in job_runs(heartbeat_db)]
         released = time.time()
         locker.execute("COMMIT")
-        ran_at = wait_until(
-            lambda: {s: r for s, r, _ in job_runs(db_path)}.get(slot_at(due, 2))
-        )
+        ran_at = wait_until(lambda: {s: r for s, r, _ in job_runs(heartbeat_db)}.get(slot_at(due, 2)))  # fmt: skip
     assert answered > 10  # answered all along while the claim waited
-    # It started on time, and was recorded once the lock was released.
     assert due <= datetime.fromisoformat(ran_at).timestamp() < released
 
 
-def test_a_claim_waits_through_busy_recovery(db_path, caplog, monkeypatch):
+def test_a_claim_waits_through_busy_recovery(tmp_path, caplog, monkeypatch):
     attempts, connect = [], main.aiosqlite.connect
 
     def recovering(*args, **kwargs):
@@ -1309,194 +973,117 @@ def test_a_claim_waits_through_busy_recovery(db_path, caplog, monkeypatch):
 
     monkeypatch.setattr(main.aiosqlite, "connect", recovering)
     with caplog.at_level(logging.INFO, logger="ad_metrics"):
-        asyncio.run(main.Heartbeat(str(db_path), 3600).run())
-    assert len(attempts) == 3 and len(job_runs(db_path)) == 1
+        asyncio.run(main.Heartbeat(str(tmp_path / "heartbeat.db"), 3600).run())
+    assert len(attempts) == 3 and len(job_runs(tmp_path / "heartbeat.db")) == 1
     assert len(heartbeats(caplog)) == 1 and "failed" not in caplog.text
-
-
-def test_a_claim_that_wins_is_logged_even_if_the_wal_is_not_emptied(
-    db_path, caplog, monkeypatch
-):
-    execute = main.aiosqlite.Connection.execute
-
-    async def failing_checkpoint(self, sql, *args):
-        if sql.startswith("PRAGMA wal_checkpoint"):
-            raise sqlite3.DatabaseError("database disk image is malformed")
-        return await execute(self, sql, *args)
-
-    monkeypatch.setattr(main.aiosqlite.Connection, "execute", failing_checkpoint)
-    with caplog.at_level(logging.INFO, logger="ad_metrics"):
-        asyncio.run(main.Heartbeat(str(db_path), 3600).run())
-    assert len(job_runs(db_path)) == 1 and len(heartbeats(caplog)) == 1
-    assert "the WAL was not emptied after slot " in caplog.text
-    assert ": database disk image is malformed" in caplog.text
-    assert "failed" not in caplog.text
 
 
 def test_a_failing_run_is_logged_with_its_traceback_and_the_next_slot_runs(
     db_path, caplog
 ):
-    settings = main.Settings(db_path=str(db_path), heartbeat_interval=1)
+    heartbeat_db = db_path.parent / "heartbeat.db"
     with (
         caplog.at_level(logging.INFO, logger="ad_metrics"),
-        TestClient(main.create_app(settings)) as client,
+        TestClient(app_for(db_path, heartbeat_interval=1)) as client,
     ):
-        wait_until(lambda: job_runs(db_path))
-        db = sqlite3.connect(db_path, isolation_level=None)
-        db.execute(
-            "CREATE TRIGGER no_heartbeat BEFORE INSERT ON job_runs "
-            "BEGIN SELECT RAISE(ABORT, 'injected failure'); END"
-        )
-        failure = wait_until(
-            lambda: [r for r in caplog.records if r.levelno == logging.ERROR]
-        )[0]
-        assert client.get("/metrics?group_by=month").status_code == 200
-        assert client.get("/health").status_code == 200
+        wait_until(lambda: job_runs(heartbeat_db))
+        db = sqlite3.connect(heartbeat_db, isolation_level=None)
+        db.execute("CREATE TRIGGER no_heartbeat BEFORE INSERT ON job_runs "
+                   "BEGIN SELECT RAISE(ABORT, 'injected failure'); END")  # fmt: skip
+        failure = wait_until(lambda: [r for r in caplog.records if r.levelno == logging.ERROR])[0]  # fmt: skip
+        assert status_of(client) == (200, 200)
         db.execute("DROP TRIGGER no_heartbeat")
         failed_at = time.time()
-        wait_until(
-            lambda: (
-                datetime.fromisoformat(job_runs(db_path)[-1][1]).timestamp() > failed_at
-            )
-        )
+        wait_until(lambda: datetime.fromisoformat(job_runs(heartbeat_db)[-1][1]).timestamp() > failed_at)  # fmt: skip
     assert failure.getMessage().endswith("failed") and failure.exc_info
     assert "injected failure" in caplog.text and "Traceback" in caplog.text
-
-
-def test_two_workers_record_each_slot_once_and_log_it_once(tmp_path):
-    db = build_db(tmp_path / "ads.db")
-    server, _ = serve(
-        db, tmp_path / "server.log", "--workers", "2", HEARTBEAT_INTERVAL_SECONDS="1"
-    )
-    time.sleep(5)  # about 4 s of slots, after both workers have started
-    stop(server)
-    runs = job_runs(db)
-    stamps = [datetime.fromisoformat(slot).timestamp() for slot, _, _ in runs]
-    assert len(stamps) >= 3
-    assert [b - a for a, b in pairwise(stamps)] == [1] * (
-        len(stamps) - 1
-    )  # none missing, none twice
-    logged = [
-        line.split("slot=")[1].split()[0]
-        for line in (tmp_path / "server.log").read_text().splitlines()
-        if "heartbeat slot=" in line and " ran_at=" in line
-    ]
-    assert sorted(logged) == [slot for slot, _, _ in runs]
 
 
 def test_sigterm_while_a_claim_waits_stops_cleanly_and_the_log_tells_the_truth(
     tmp_path,
 ):
-    db = build_db(tmp_path / "ads.db")
-    server, url = serve(db, tmp_path / "server.log", HEARTBEAT_INTERVAL_SECONDS="4")
-    wait_until(
-        lambda: job_runs(db) if server.poll() is None else pytest.fail("server died")
-    )
-    done, answered = threading.Event(), []
-
-    def load():
-        with httpx.Client(base_url=url) as http:
-            while not done.is_set():
-                with suppress(httpx.HTTPError):  # the server is going away
-                    answered.append(
-                        http.get("/metrics?group_by=week,region&sort=-cpm").status_code
-                    )
-
-    clients = [threading.Thread(target=load) for _ in range(4)]
-    for thread in clients:
-        thread.start()
-    locker = sqlite3.connect(db, isolation_level=None)
+    db, heartbeat_db = build_db(tmp_path / "ads.db"), tmp_path / "heartbeat.db"
+    server, url = serve(db, tmp_path / "server.log", HEARTBEAT_INTERVAL_SECONDS="2")
+    wait_until(lambda: job_runs(heartbeat_db))
+    locker = sqlite3.connect(heartbeat_db, isolation_level=None)
     locker.execute("BEGIN IMMEDIATE")  # the next run's claim waits for this lock...
-    time.sleep((time.time() // 4 + 1) * 4 - time.time() + 0.3)  # ...and is waiting now
+    time.sleep((time.time() // 2 + 1) * 2 - time.time() + 0.3)  # ...and is waiting now
+    assert httpx.get(f"{url}/metrics?group_by=week,region").status_code == 200
     status = stop(server)
-    done.set()
-    for thread in clients:
-        thread.join()
     locker.execute("ROLLBACK")
     log = (tmp_path / "server.log").read_text()
     assert status in (0, -signal.SIGTERM) and "Application shutdown complete" in log
     [waiting] = [line for line in log.splitlines() if "not recorded" in line]
     assert waiting.endswith("not recorded: the server is stopping")
     assert waiting.split("slot=")[1].split()[0] not in [
-        slot for slot, _, _ in job_runs(db)
+        s for s, _, _ in job_runs(heartbeat_db)
     ]
     for bad in ("Traceback", "ResourceWarning", "Task was destroyed", "ERROR"):
         assert bad not in log
-    assert answered and set(answered) == {200}
-
-
-def test_a_run_that_wins_logs_its_row_and_only_that(tmp_path):
-    """Stopped at any moment, the log and job_runs agree: a slot logged as recorded has
-    its row, one logged as not recorded has none."""
-    db = build_db(tmp_path / "ads.db")
-    for trial in range(2):
-        log_path = tmp_path / f"server{trial}.log"
-        server, _ = serve(db, log_path, HEARTBEAT_INTERVAL_SECONDS="1")
-        wait_until(lambda p=log_path: "heartbeat slot=" in p.read_text())
-        time.sleep(1 + random.random())
-        stop(server)
-        lines = [
-            line
-            for line in log_path.read_text().splitlines()
-            if "heartbeat slot=" in line
-        ]
-        recorded = {slot for slot, _, _ in job_runs(db)}
-        for line in lines:
-            slot = line.split("slot=")[1].split()[0]
-            assert (slot in recorded) == (" ran_at=" in line), line
 
 
 # Start-up, and python main.py ----------------------------------------------------------
 
 
+def test_three_workers_start_every_time_and_log_each_slot_once(tmp_path):
+    db, heartbeat_db = build_db(tmp_path / "ads.db"), tmp_path / "heartbeat.db"
+    set_journal_mode(db, "delete")  # SQLite's default: the file once held them up
+    for attempt in range(5):
+        log = tmp_path / f"server{attempt}.log"
+        server, url = serve(db, log, "--workers", "3", HEARTBEAT_INTERVAL_SECONDS="1")
+        try:
+            up = "Application startup complete"
+            wait_until(lambda log=log, up=up: log.read_text().count(up) == 3)
+            assert httpx.get(f"{url}/health").json()["status"] == "ok"
+            time.sleep(3 if attempt == 4 else 0)  # slots pass, with three to claim them
+        finally:
+            stop(server)
+    runs, logs = job_runs(heartbeat_db), "".join(p.read_text() for p in tmp_path.glob("*.log"))  # fmt: skip
+    logged = [line.split("slot=")[1].split()[0] for line in logs.splitlines() if " ran_at=" in line]  # fmt: skip
+    assert sorted(logged) == [
+        slot for slot, _, _ in runs
+    ]  # each logged once, as recorded
+    stamps = [datetime.fromisoformat(slot).timestamp() for slot, _, _ in runs]
+    assert len(stamps) >= 5 and [b - a for a, b in pairwise(stamps[-3:])] == [1, 1]
+    assert "Traceback" not in logs and "not recorded" not in logs
+
+
 @pytest.mark.parametrize(
-    "content, line",
-    [
-        (None, "{p} not found; create it with: python seed.py --db {p}"),
-        (b"not a database at all" * 100, "{p} cannot be read: file is not a database"),
-        (b"", "{p} cannot be read: no such table: fact_ad_metrics_daily"),
-    ],
-    ids=["missing", "not a database", "an empty file"],
-)
-def test_uvicorn_with_an_unusable_database_stops_with_one_line(tmp_path, content, line):
+    "content, message",
+    [(b"not a database at all" * 100, "cannot be read: file is not a database"),
+     (b"", "cannot be read: no such table: fact_ad_metrics_daily")],
+    ids=["not a database", "an empty file"],
+)  # fmt: skip
+def test_an_unusable_data_file_stops_start_up_saying_so(tmp_path, content, message):
     path = tmp_path / "ads.db"
-    if content is not None:
-        path.write_bytes(content)
+    path.write_bytes(content)
+    with pytest.raises(main.StartupError) as stopped, TestClient(app_for(path)):
+        pass
+    assert str(stopped.value) == f"database {path} {message}"
+
+
+def test_uvicorn_without_a_data_file_stops_saying_how_to_create_one(tmp_path):
+    path = tmp_path / "ads.db"
     result = run("-m", "uvicorn", "main:app", "--port", "0", env={"ADS_DB": str(path)})
-    assert result.returncode == 3 and "Traceback" not in result.stderr
-    errors = [
-        e
-        for e in result.stderr.splitlines()
-        if e.startswith("ERROR") and "startup failed" not in e
-    ]
-    assert errors == [f"ERROR:    database {line.format(p=path)}"]
-    assert path.exists() == (content is not None)  # never created
+    assert result.returncode == 3 and not path.exists()  # stopped, and created nothing
+    message = f"database {path} not found; create it with: python seed.py --db {path}"
+    assert f"main.StartupError: {message}" in result.stderr.splitlines()
 
 
-def test_an_old_sqlite_stops_start_up_with_one_line(db_path, monkeypatch):
+def test_an_old_sqlite_stops_start_up(db_path, monkeypatch):
     monkeypatch.setattr(main.sqlite3, "sqlite_version_info", (3, 31, 1))
     monkeypatch.setattr(main.sqlite3, "sqlite_version", "3.31.1")
-    app = main.create_app(main.Settings(db_path=str(db_path)))
-    with (
-        pytest.raises(
-            main.StartupError, match=r"^SQLite 3.35 or newer is needed, not 3.31.1$"
-        ),
-        TestClient(app),
-    ):
+    old = r"^SQLite 3.35\+ is needed, not 3.31.1$"
+    with pytest.raises(main.StartupError, match=old), TestClient(app_for(db_path)):
         pass
 
 
-def test_python_main_py_seeds_a_missing_database_then_serves(tmp_path):
-    port = free_port()
-    env = {**os.environ, "ADS_DB": str(tmp_path / "new.db"), "PORT": str(port)}
-    server = subprocess.Popen(
-        [sys.executable, "main.py"],
-        cwd=HERE,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def test_python_main_py_seeds_serves_and_ends_a_stalled_download_on_sigterm(tmp_path):
+    port, log = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "ADS_DB": str(tmp_path / "new.db"), "PORT": str(port),
+           "HEARTBEAT_DB": str(tmp_path / "heartbeat.db"), "QUERY_TIMEOUT_SECONDS": "1"}  # fmt: skip
+    server = subprocess.Popen([sys.executable, "main.py"], cwd=HERE, env=env,
+                              stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
     try:
         health = wait_until(
             lambda: probe(f"http://127.0.0.1:{port}/health"), timeout=60
@@ -1505,36 +1092,19 @@ def test_python_main_py_seeds_a_missing_database_then_serves(tmp_path):
         dims = httpx.get(f"http://127.0.0.1:{port}/dimensions").json()
         assert dims["date"] == {"first": "2025-01-01", "last": "2025-12-31"}
         assert "Native, Banner & Interstitial" in dims["placement"]
-    finally:
-        server.send_signal(signal.SIGTERM)
-        log, _ = server.communicate(timeout=10)
-    assert "new.db not found: seeding it" in log
-    assert "seeded " in log and " rows over 365 days in " in log
-
-
-def test_sigterm_ends_a_stalled_download_within_the_query_time_limit(big_db, tmp_path):
-    port = free_port()
-    env = {"ADS_DB": str(big_db), "PORT": str(port), "QUERY_TIMEOUT_SECONDS": "1"}
-    log = tmp_path / "server.log"
-    server = subprocess.Popen(
-        [sys.executable, "main.py"],
-        cwd=HERE,
-        env={**os.environ, **env},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_until(lambda: probe(f"http://127.0.0.1:{port}/health"), timeout=30)
         stalled = start_download(port)  # and reads no more
         time.sleep(0.5)
         asked = time.monotonic()
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=10) in (0, -signal.SIGTERM)
-        assert time.monotonic() - asked < 3
+        assert time.monotonic() - asked < 3  # the query time limit, and a little
+        stalled.close()
     finally:
         server.kill()
-    stalled.close()
-    assert "Application shutdown complete" in log.read_text()
+    assert (
+        "seeded " in log.read_text()
+        and "Application shutdown complete" in log.read_text()
+    )
 
 
 # seed.py ----------------------------------------------------------------------------------
@@ -1545,31 +1115,24 @@ def test_seed_is_deterministic_and_realistic(tmp_path):
     b = seed.seed(tmp_path / "b.db", days=10, seed=3)
     seed.seed(tmp_path / "c.db", days=10, seed=4)
     everything = "SELECT * FROM fact_ad_metrics_daily ORDER BY 1, 2, 3, 4, 5, 6, 7"
-    rows = {
-        n: sqlite3.connect(tmp_path / f"{n}.db").execute(everything).fetchall()
-        for n in "abc"
-    }
+    rows = {n: sqlite3.connect(tmp_path / f"{n}.db").execute(everything).fetchall() for n in "abc"}  # fmt: skip
     assert a == b == len(rows["a"]) and rows["a"] == rows["b"] != rows["c"]
     db = sqlite3.connect(tmp_path / "a.db")
-    wrong_places = db.execute(
+    [[wrong_places]] = db.execute(
         "SELECT count(*) FROM fact_ad_metrics_daily JOIN dim_platform USING (platform_id) "
         "JOIN dim_placement USING (placement_id) JOIN dim_device_type USING (device_type_id) "
         "WHERE (placement_name IN ('Stories', 'Reels', 'Explore') AND device_type_name = 'Desktop') "
         "OR (platform_name = 'Audience Network' AND placement_name NOT IN "
         "('Native, Banner & Interstitial', 'Rewarded Video')) "
         "OR (placement_name = 'Right Column' AND device_type_name != 'Desktop')"
-    ).fetchone()[0]
-    assert wrong_places == 0
-    assert (
-        db.execute(
-            "SELECT count(*) FROM fact_ad_metrics_daily WHERE conversions > clicks "
-            "OR likes > impressions OR cost < 0"
-        ).fetchone()[0]
-        == 0
+    )  # fmt: skip
+    [[impossible]] = db.execute(
+        "SELECT count(*) FROM fact_ad_metrics_daily WHERE conversions > clicks "
+        "OR likes > impressions OR cost < 0"
     )
-    assert [
-        r[0] for r in db.execute("SELECT age_range FROM dim_age_group ORDER BY age_id")
-    ] == ["18-24", "25-34", "35-44", "45-54", "55-64", "65+"]
+    assert wrong_places == impossible == 0
+    ages = db.execute("SELECT age_range FROM dim_age_group ORDER BY age_id").fetchall()
+    assert [a for (a,) in ages] == ["18-24", "25-34", "35-44", "45-54", "55-64", "65+"]
 
 
 def test_seed_cli_defaults_size_and_refusals(tmp_path):
@@ -1582,16 +1145,45 @@ def test_seed_cli_defaults_size_and_refusals(tmp_path):
     assert f"seeded {rows:,} rows over 365 days in" in result.stdout
     again = run("seed.py", "--db", str(tmp_path / "ads.db"))
     assert again.returncode == 2 and "already exists; pass --force" in again.stderr
-    for bad in (
-        ["--days", "0"],
-        ["--density", "1.5"],
-        ["--start", "2025-13-01"],
-        ["--seed", "x"],
-    ):
+    for bad in (["--days", "0"], ["--density", "1.5"], ["--start", "2025-13-01"]):
         result = run("seed.py", "--db", str(tmp_path / "other.db"), *bad)
         assert result.returncode == 2 and result.stderr.strip(), bad
-    assert not (tmp_path / "other.db").exists()
-    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+    assert not (tmp_path / "other.db").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("journal_mode", ["wal", "delete"])
+def test_a_seed_force_killed_while_copying_leaves_the_old_data_whole(
+    tmp_path, journal_mode
+):
+    target = tmp_path / "ads.db"
+    seed.seed(target, days=3)
+    set_journal_mode(target, journal_mode)
+    before = dump(target)
+    journal = Path(f"{target}-{'wal' if journal_mode == 'wal' else 'journal'}")
+    process = subprocess.Popen([sys.executable, "seed.py", "--db", str(target), "--days",
+                                "200", "--density", "0.45", "--force"], cwd=HERE)  # fmt: skip
+    # The copy into the target is under way once it has a journal with pages in it.
+    wait_until(
+        lambda: journal.exists() and journal.stat().st_size > 8192,
+        timeout=60,
+        step=0.001,
+    )
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert dump(target) == before and integrity(target) == "ok"
+
+
+def test_a_seed_killed_while_building_leaves_the_previous_database(tmp_path):
+    target = tmp_path / "ads.db"
+    seed.seed(target, days=3)
+    before = dump(target)
+    process = subprocess.Popen([sys.executable, "seed.py", "--db", str(target), "--days",
+                                "365", "--density", "0.45", "--force"], cwd=HERE)  # fmt: skip
+    wait_until(lambda: list(tmp_path.glob(".ads.db.*.tmp")))  # it is writing
+    time.sleep(0.3)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert dump(target) == before
 
 
 def test_seed_clears_the_journal_a_removed_database_left_behind(tmp_path):
@@ -1670,42 +1262,57 @@ FACTS = make_facts()
 
 def build_db(path: Path, variant: str = "plain") -> Path:
     """Write the fixture database, as someone else's file might be: plain tables, in
-    one of the variants that a valid file may take."""
+    one of the variants that a valid file may take. Its clock is set a second back, so
+    that the file has settled (see main.Signature) before the first request."""
     db = sqlite3.connect(path)
     date_ids = IN_ORDER_IDS if variant == "date ids in date order" else SHUFFLED_IDS
     twice = variant == "dimension rows loaded twice"
-    key = "" if twice else " PRIMARY KEY"
-    count = "REAL" if variant == "counts stored as reals" else "INTEGER"
+    key, count = (
+        "" if twice else " PRIMARY KEY",
+        "REAL" if "reals" in variant else "INTEGER",
+    )
     odd = variant == "extra columns named like ours"  # a fiscal calendar, say
     extra = ", month TEXT DEFAULT 'P01', week INTEGER DEFAULT 1, cost REAL DEFAULT 1e9"
     db.execute(
         f"CREATE TABLE dim_date (date_id INTEGER{key}, date_value TEXT{extra * odd})"
     )
-    dates = [(i, d) for d, i in date_ids.items()]
-    db.executemany(
-        "INSERT INTO dim_date (date_id, date_value) VALUES (?, ?)", dates * (1 + twice)
-    )
+    dates = [(i, d) for d, i in date_ids.items()] * (1 + twice)
+    db.executemany("INSERT INTO dim_date (date_id, date_value) VALUES (?, ?)", dates)
+    extra = ", cost REAL DEFAULT 5, impressions INTEGER DEFAULT 3, date_id INTEGER"
     for table, id_col, name_col, names in DIMS.values():
-        extra = ", cost REAL DEFAULT 5, impressions INTEGER DEFAULT 3, date_id INTEGER"
         db.execute(
             f"CREATE TABLE {table} ({id_col} INTEGER{key}, {name_col} TEXT{extra * odd})"
         )
-        rows = list(names.items()) * (1 + twice)
         db.executemany(
-            f"INSERT INTO {table} ({id_col}, {name_col}) VALUES (?, ?)", rows
+            f"INSERT INTO {table} ({id_col}, {name_col}) VALUES (?, ?)",
+            list(names.items()) * (1 + twice),
         )
     ids = ", ".join(d[1] for d in DIMS.values())
     unique = "" if variant == "no unique key" else f", PRIMARY KEY (date_id, {ids})"
-    db.execute(f"CREATE TABLE fact_ad_metrics_daily (date_id INTEGER, {ids}, impressions {count}, "
-               f"clicks {count}, cost REAL, conversions {count}, likes {count}{unique})")  # fmt: skip
+    db.execute(
+        f"CREATE TABLE fact_ad_metrics_daily (date_id INTEGER, {ids}, impressions {count}, "
+        f"clicks {count}, cost REAL, conversions {count}, likes {count}{unique})"
+    )
     db.executemany(
         "INSERT INTO fact_ad_metrics_daily VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-        [(date_ids.get(f["day"], f["date_id"]), *(f[d] for d in DIMS), f["impressions"],
-          f["clicks"], f["cost"] / 100, f["conversions"], f["likes"]) for f in FACTS],
-    )  # fmt: skip
+        [
+            (
+                date_ids.get(f["day"], f["date_id"]),
+                *(f[d] for d in DIMS),
+                f["impressions"],
+                f["clicks"],
+                f["cost"] / 100,
+                f["conversions"],
+                f["likes"],
+            )
+            for f in FACTS
+        ],
+    )
     db.commit()
     db.close()
-    return path
+    past = time.time() - 1
+    os.utime(path, (past, past))
+    return path  # fmt: skip
 
 
 def values(params: dict, name: str) -> list[str]:
@@ -1829,15 +1436,30 @@ def check_page(response, params: dict, **fixture) -> dict:
     groups, totals = reference(params, **fixture)
     limit, offset = int(params.get("limit", 100)), int(params.get("offset", 0))
     body = response.json()
-    assert body["data"] == groups[offset : offset + limit]
-    assert body["totals"] == totals
-    assert body["paging"]["total_rows"] == len(groups)
-    assert (body["paging"]["limit"], body["paging"]["offset"]) == (limit, offset)
-    assert (body["paging"]["next"] is None) == (offset + limit >= len(groups))
+    assert_rows_equal(body["data"], groups[offset : offset + limit])
+    assert_rows_equal([body["totals"]], [totals])
+    paging = body["paging"]
+    assert (paging["limit"], paging["offset"], paging["total_rows"]) == (
+        limit,
+        offset,
+        len(groups),
+    )
+    assert (paging["next"] is None) == (offset + limit >= len(groups))
     for row in body["data"]:  # the grouped fields, in group_by order, then the metrics
         assert list(row) == (values(params, "group_by") or GRAIN) + main.METRICS
-    main.MetricsPage.model_validate(body)
     return body
+
+
+def assert_rows_equal(rows: list[dict], expected: list[dict]) -> None:
+    """The same rows in the same order: ratios to 2e-6 (SQLite rounds a double the
+    reference rounds exactly), every other value exactly."""
+    assert [list(row) for row in rows] == [list(row) for row in expected]
+    for row, want in zip(rows, expected):
+        for key, value in want.items():
+            if key in main.RATIOS and value is not None and row[key] is not None:
+                assert abs(row[key] - value) <= 2e-6, (key, row, want)
+            else:
+                assert row[key] == value, (key, row, want)
 
 
 def walk(client, params: dict) -> list[dict]:
@@ -1856,6 +1478,10 @@ def from_csv(text: str, like):
     if text == "":
         return None
     return type(like)(text) if isinstance(like, (int, float)) else text
+
+
+def csv_rows(response) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(response.text)))
 
 
 # Generated queries ------------------------------------------------------------------------
@@ -1906,7 +1532,7 @@ ODD = st.tuples(
 )
 
 
-# Helpers ------------------------------------------------------------------------------------
+# Helpers ------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -1918,35 +1544,49 @@ def db_path(tmp_path) -> Path:
 def client(db_path):
     """The service on the fixture database; afterwards, its data must be unchanged."""
     before = dump(db_path)
-    with TestClient(main.create_app(main.Settings(db_path=str(db_path)))) as client:
+    with TestClient(app_for(db_path)) as client:
         yield client
-    assert (
-        dump(db_path) == before
-    )  # no request changed a table; only job_runs was added
-
-
-@pytest.fixture
-def served(db_path):
-    """The service on the fixture database, which the test may change."""
-    with TestClient(main.create_app(main.Settings(db_path=str(db_path)))) as client:
-        yield client
+    assert dump(db_path) == before
 
 
 @pytest.fixture(scope="session")
 def big_db(tmp_path_factory) -> Path:
-    """A seeded database of about 100,000 rows, for time limits and exports."""
+    """A seeded database of about 175,000 rows, for time limits and downloads."""
     path = tmp_path_factory.mktemp("big") / "big.db"
-    seed.seed(path, days=30, density=0.45)
+    seed.seed(path, days=60, density=0.45)
+    past = time.time() - 1
+    os.utime(path, (past, past))
     return path
 
 
+def app_for(path: Path, heartbeat: Path | None = None, **settings):
+    """The service on path, its heartbeat's file beside it (or in heartbeat)."""
+    heartbeat_db = (heartbeat or path.parent) / "heartbeat.db"
+    (heartbeat or path.parent).mkdir(exist_ok=True)
+    return main.create_app(
+        main.Settings(db_path=str(path), heartbeat_db=str(heartbeat_db), **settings)
+    )
+
+
+def set_journal_mode(path: Path, mode: str) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA journal_mode = {mode}")
+    past = time.time() - 1
+    os.utime(path, (past, past))
+
+
+def add_a_like(path: Path) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE fact_ad_metrics_daily SET likes = likes + 1 WHERE rowid = 1")
+
+
 def dump(path: Path) -> list[str]:
-    """The database's schema and rows, but for the heartbeat's own table."""
-    db = sqlite3.connect(path)
-    try:
-        return [line for line in db.iterdump() if "job_runs" not in line]
-    finally:
-        db.close()
+    with sqlite3.connect(path) as db:
+        return list(db.iterdump())
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def integrity(path: Path) -> str:
@@ -1970,16 +1610,14 @@ def wait_until(condition, timeout: float = 10.0, step: float = 0.02):
 
 
 def job_runs(path) -> list[tuple]:
-    """The heartbeat's rows, in slot order; none if the table is not there yet."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    """The heartbeat's rows, in slot order; none if there is no table yet."""
     try:
-        return db.execute(
-            "SELECT slot, ran_at, pid FROM job_runs ORDER BY slot"
-        ).fetchall()
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return db.execute(
+                "SELECT slot, ran_at, pid FROM job_runs ORDER BY slot"
+            ).fetchall()
     except sqlite3.OperationalError:
         return []
-    finally:
-        db.close()
 
 
 def heartbeats(caplog) -> list[str]:
@@ -2014,25 +1652,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(db: Path, log: Path, *args: str, **env: str) -> tuple[subprocess.Popen, str]:
-    """Start `uvicorn main:app` on `db` as a subprocess; return it and its base URL."""
+def serve(db: Path, log: Path, *args: str, prefix=(), **env: str):
+    """Start `uvicorn main:app` on db in a process of its own; return it and its URL."""
     port = free_port()
+    command = [
+        *prefix,
+        sys.executable,
+        "-W",
+        "default",
+        "-m",
+        "uvicorn",
+        "main:app",
+        "--port",
+        str(port),
+        *args,
+    ]
+    env = {
+        **os.environ,
+        "ADS_DB": str(db),
+        "HEARTBEAT_DB": str(log.parent / "heartbeat.db"),
+        **env,
+    }
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-W",
-            "default",
-            "-m",
-            "uvicorn",
-            "main:app",
-            "--port",
-            str(port),
-            *args,
-        ],
-        cwd=HERE,
-        env={**os.environ, "ADS_DB": str(db), **env},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
+        command, cwd=HERE, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
     )
     wait_until(
         lambda: probe(f"http://127.0.0.1:{port}/health") or process.poll() is not None,
@@ -2048,6 +1690,14 @@ def stop(server: subprocess.Popen) -> int:
         return server.wait(timeout=10)
     finally:
         server.kill()
+
+
+def memory(server: subprocess.Popen, field: str) -> float:
+    """The server's resident memory (VmRSS) or its peak (VmHWM), in MB."""
+    for line in Path(f"/proc/{server.pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise LookupError(field)
 
 
 def start_download(port: int) -> socket.socket:
