@@ -13,9 +13,10 @@ run can measure another version of the service.
 
 Each query's floor is the fastest plain-sqlite3 computation of the same answer (rows,
 totals and total_rows) in this process, on the same file, checked against the API's
-answer before it is timed. Then: throughput against a trivial endpoint, a light query
-beside heavy ones, a CSV export against sqlite3 and the csv module, a 304 against the
-full answer, the file replaced under load, a soak, scaling, and the server's memory.
+answer (its ratios to within 2e-6) before it is timed. Then: throughput against a
+trivial endpoint, a light query beside heavy ones, a CSV export against sqlite3 and the
+csv module, a 304 against the full answer, the file replaced under load, a soak,
+scaling, and the server's memory.
 With --against DIR, it first times each query on both services, on one file, their
 requests alternated, so that the ratio of the two is measured in the same moments.
 """
@@ -71,6 +72,13 @@ DIMENSIONS = {  # API name -> (id column, table, name column)
 }
 KEY = "date_id, region_id, age_id, gender_id, platform_id, placement_id, device_type_id"
 SUMS = "sum(impressions), sum(clicks), sum(cost), sum(conversions), sum(likes)"
+RATIOS = {  # name -> how the service computes it from a group's sums
+    "ctr": "round(1.0 * clicks / nullif(impressions, 0), 6)",
+    "cpc": "round(1.0 * cost / nullif(clicks, 0), 6)",
+    "cpm": "round(1000.0 * cost / nullif(impressions, 0), 6)",
+    "cpa": "round(1.0 * cost / nullif(conversions, 0), 6)",
+    "conversion_rate": "round(1.0 * conversions / nullif(clicks, 0), 6)",
+}
 
 
 # The client ----------------------------------------------------------------------------
@@ -168,7 +176,10 @@ class Server:
             self.port = s.getsockname()[1]
         command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(self.port),
                    "--no-access-log", "--log-level", "warning"]  # fmt: skip
-        env = {**os.environ, "ADS_DB": str(db), "LOG_LEVEL": "WARNING"}
+        # The heartbeat's file beside the database, never in the service's repository.
+        heartbeat = db.absolute().with_name(f"{db.stem}-heartbeat.db")
+        env = {**os.environ, "ADS_DB": str(db), "HEARTBEAT_DB": str(heartbeat),
+               "LOG_LEVEL": "WARNING"}  # fmt: skip
         self.process = subprocess.Popen(command, cwd=service, env=env)
         deadline = time.monotonic() + 30
         while True:
@@ -195,21 +206,40 @@ class Server:
 # The engine floor -------------------------------------------------------------------------
 
 
-def finish(impressions, clicks, cost, conversions, likes) -> dict:
-    """The ten output metrics from a group's sums, rounded as the contract says."""
-    cents = math.floor(100 * cost + 0.5)
+def finish(*sums) -> dict:
+    """The ten output metrics from a group's sums of impressions, clicks, cost,
+    conversions and likes, as the service's SQL has them: a null sum is 0, the cost
+    rounded to cents, each ratio to 6 decimals from the raw sums."""
+    impressions, clicks, cost, conversions, likes = (s or 0 for s in sums)
 
-    def ratio(numerator: int, denominator: int) -> float | None:  # half-up, 6 decimals
-        return (
-            (2_000_000 * numerator + denominator) // (2 * denominator) / 1e6
-            if denominator
-            else None
-        )
+    def ratio(numerator: float, denominator: int) -> float | None:
+        return round(numerator / denominator, 6) if denominator else None
 
-    return {"impressions": impressions, "clicks": clicks, "cost": cents / 100.0,
+    return {"impressions": impressions, "clicks": clicks, "cost": round(cost, 2),
             "conversions": conversions, "likes": likes, "ctr": ratio(clicks, impressions),
-            "cpc": ratio(cents, 100 * clicks), "cpm": ratio(10 * cents, impressions),
-            "cpa": ratio(cents, 100 * conversions), "conversion_rate": ratio(conversions, clicks)}  # fmt: skip
+            "cpc": ratio(cost, clicks), "cpm": ratio(1000.0 * cost, impressions),
+            "cpa": ratio(cost, conversions), "conversion_rate": ratio(conversions, clicks)}  # fmt: skip
+
+
+def agrees(floor, api, field: str = "") -> bool:
+    """Whether a floor's answer is the API's: the same keys, the rows in the same
+    order, ratios within 2e-6 (SQLite and Python may round a half apart), the rest
+    exactly."""
+    if isinstance(floor, dict):
+        return (
+            isinstance(api, dict)
+            and floor.keys() == api.keys()
+            and all(agrees(floor[k], api[k], k) for k in floor)
+        )
+    if isinstance(floor, list):
+        return (
+            isinstance(api, list)
+            and len(floor) == len(api)
+            and all(map(agrees, floor, api))
+        )
+    if field in RATIOS and floor is not None and api is not None:
+        return abs(floor - api) <= 2e-6
+    return floor == api
 
 
 class Floors:
@@ -322,25 +352,22 @@ class Floors:
 
     def export(self) -> bytes:
         """The default breakdown, every fact row, as CSV with its names: sqlite3 and
-        the csv module, with the same rounding done in the same SQL."""
-        cents = "CAST(round(100 * cost) AS INTEGER)"
-
-        def ratio(n: str, d: str) -> str:
-            return f"(2000000 * {n} + {d}) / NULLIF(2 * {d}, 0) / 1e6"
-
+        the csv module, each number rounded as the service does and written as SQLite
+        writes it (CAST AS TEXT: 0.493256, where Python would write 0.49325600000000003;
+        null: an empty field)."""
         names = ", ".join(
             f"(SELECT {n} FROM {t} WHERE {t}.{c} = f.{c})"
             for c, t, n in DIMENSIONS.values()
         )
+        numbers = ["impressions", "clicks", "round(cost, 2)", "conversions", "likes",
+                   *RATIOS.values()]  # fmt: skip
         sql = (f"SELECT (SELECT date_value FROM dim_date WHERE dim_date.date_id = f.date_id), {names}, "
-               f"impressions, clicks, {cents} / 100.0, conversions, likes, {ratio('clicks', 'impressions')}, "
-               f"{ratio(cents, '100 * clicks')}, {ratio(f'10 * {cents}', 'impressions')}, "
-               f"{ratio(cents, '100 * conversions')}, {ratio('conversions', 'clicks')} "
+               f"{', '.join(f'CAST({n} AS TEXT)' for n in numbers)} "
                f"FROM fact_ad_metrics_daily AS f ORDER BY {KEY}")  # fmt: skip
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\r\n")
         writer.writerow(["date", *DIMENSIONS, "impressions", "clicks", "cost", "conversions", "likes",
-                         "ctr", "cpc", "cpm", "cpa", "conversion_rate"])  # fmt: skip
+                         *RATIOS])  # fmt: skip
         cursor = self.db.execute(sql)
         while rows := cursor.fetchmany(1000):
             writer.writerows(rows)
@@ -386,8 +413,8 @@ async def latencies(server: Server, db_path: Path) -> dict:
         answer = json.loads(body)
         floor_fn = getattr(floors, name.lower())
         hand = floor_fn()
-        assert [hand["data"], hand["totals"], hand["total_rows"]] == [
-            answer["data"], answer["totals"], answer["paging"]["total_rows"]], name  # fmt: skip
+        assert agrees([hand["data"], hand["totals"], hand["total_rows"]],
+                      [answer["data"], answer["totals"], answer["paging"]["total_rows"]]), name  # fmt: skip
         floor = timed(floor_fn)
         p50, p95, f50 = (
             statistics.median(api),
