@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, date, datetime
 from typing import Annotated, Literal, NamedTuple
-from urllib.parse import quote
+from urllib.parse import quote, unquote_plus
 
 import aiosqlite
 import uvicorn
@@ -203,9 +203,11 @@ async def get_metrics(
         params += [query.limit, query.offset]
         [(data, totals, total_rows)] = await db.fetch(file, sql, params)
     paging = {"limit": query.limit, "offset": query.offset, "total_rows": total_rows}
-    url = request.url.include_query_params(offset=query.offset + query.limit)
-    more = query.offset + query.limit < total_rows  # then the same query, further on
-    paging["next"] = f"{url.path}?{url.query}" if more else None
+    offset = query.offset + query.limit  # next: the client's own query, further on
+    given = request.scope["query_string"].decode("latin-1").split("&")
+    kept = [p for p in given if unquote_plus(p.split("=")[0]) not in ("", "offset")]
+    url = f"{request.scope['path']}?{'&'.join([*kept, f'offset={offset}'])}"
+    paging["next"] = url if offset < total_rows else None
     paging = json.dumps(paging, separators=(",", ":"))
     body = f'{{"data":{data},"totals":{totals},"paging":{paging}}}'
     MetricsPage.model_validate_json(body)  # the answer holds to its model, or a 500
@@ -309,16 +311,16 @@ WEEK_OR_MONTH = {
     "week": f"date({DAY}, 'weekday 0', '-6 days')",
     "month": f"substr({DAY}, 1, 7)",
 }
-# Each metric of a row or of the totals, from their sums.
-OUTPUT = {m: f"CAST({m} AS INTEGER)" for m in BASE_METRICS} | {
-    "cost": "round(cost, 2)",
-    "ctr": "round(1.0 * clicks / nullif(impressions, 0), 6)",
-    "cpc": "round(1.0 * cost / nullif(clicks, 0), 6)",
-    "cpm": "round(1000.0 * cost / nullif(impressions, 0), 6)",
-    "cpa": "round(1.0 * cost / nullif(conversions, 0), 6)",
-    "conversion_rate": "round(1.0 * conversions / nullif(clicks, 0), 6)",
+# Each metric of a row or of the totals, from their sums; a null counts as 0.
+OUTPUT = {m: f"CAST(coalesce({m}, 0) AS INTEGER)" for m in BASE_METRICS} | {
+    "cost": "round(coalesce(cost, 0), 2)",
+    "ctr": "round(1.0 * coalesce(clicks, 0) / nullif(impressions, 0), 6)",
+    "cpc": "round(1.0 * coalesce(cost, 0) / nullif(clicks, 0), 6)",
+    "cpm": "round(1000.0 * coalesce(cost, 0) / nullif(impressions, 0), 6)",
+    "cpa": "round(1.0 * coalesce(cost, 0) / nullif(conversions, 0), 6)",
+    "conversion_rate": "round(1.0 * coalesce(conversions, 0) / nullif(clicks, 0), 6)",
 }
-SUMS = ", ".join(f"coalesce(sum({m}), 0) AS {m}" for m in BASE_METRICS)  # null: 0
+SUMS = ", ".join(f"sum({m}) AS {m}" for m in BASE_METRICS)
 # The groups, and a page of them in order with their metrics.
 PAGE_SQL = """WITH groups AS {groups},
 page AS (SELECT {keys}, {metrics} FROM groups ORDER BY {order} LIMIT ? OFFSET ?)"""
@@ -364,8 +366,8 @@ def groups_sql(fields: list[str], where: str) -> str:
     keys = ", ".join(KEYS[field] for field in fields)
     facts = f"{FACT} WHERE {where}" if where else FACT
     if set(fields) == set(GRAIN):  # each fact row is a group: nothing to add up
-        values = ", ".join(f"coalesce({m}, 0) AS {m}" for m in BASE_METRICS)
         # Read in the table's key order, a page stops at its last row.
+        values = ", ".join(BASE_METRICS)
         return f"NOT MATERIALIZED (SELECT {keys}, {values} FROM {facts})"
     period = next((field for field in fields if field in WEEK_OR_MONTH), None)
     if period is None:
