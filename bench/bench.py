@@ -667,7 +667,7 @@ async def compare(service: Path, other: Path, db: Path, n: int = 30) -> dict:
 
 
 async def run(args: argparse.Namespace) -> dict:
-    service, cache = Path(args.service).resolve(), Path(args.cache)
+    service, cache = Path(args.service).resolve(), Path(args.cache).resolve()
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ad-metrics-bench-"))
     rows, seconds = build(work / "1m.db", 365, cached=False)
