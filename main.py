@@ -1,11 +1,10 @@
-"""Ad Metrics API: daily advertising metrics from a SQLite star schema, filtered,
-grouped, sorted and paged (GET /metrics), the names to filter by (GET /dimensions), and
-an async job that logs a heartbeat every 6 hours, once across workers (GET /health).
+"""Ad Metrics API: daily advertising metrics from a SQLite star schema. GET /metrics
+filters, groups, sorts and pages them, with totals, as JSON or CSV; GET /dimensions
+lists the names to filter by; GET /health reports on the data file and the heartbeat,
+an async cron job that logs once every 6 hours across all workers.
 
 Read top down: the contract (settings, models, routes), then the machinery (SQL, the
-database, the heartbeat, start-up). The data file is only ever read; what the service
-remembers of it is keyed on its signature, taken once a request; a connection is
-checked when it is lent, and closed when in doubt.
+database, the heartbeat, start-up). README.md's "Design in brief" says how it works.
 """
 
 import asyncio
@@ -18,6 +17,7 @@ import logging
 import os
 import sqlite3
 import time
+from collections import namedtuple
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, date, datetime
 from typing import Annotated, Literal, NamedTuple
@@ -25,6 +25,7 @@ from urllib.parse import quote, unquote_plus
 
 import aiosqlite
 import uvicorn
+from aiosqlite import Connection
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
@@ -37,10 +38,8 @@ from pydantic_core.core_schema import ValidationInfo
 
 log = logging.getLogger("ad_metrics")
 
+
 # Settings ---------------------------------------------------------------------------
-Level = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
-
-
 class Settings(BaseModel):
     model_config = ConfigDict(frozen=True)  # set by the variables' names only
     db_path: str = Field("ads.db", alias="ADS_DB")
@@ -48,7 +47,9 @@ class Settings(BaseModel):
     host: str = Field("127.0.0.1", alias="HOST")
     port: int = Field(8000, alias="PORT", ge=1, le=65535)
     heartbeat_interval: int = Field(21600, alias="HEARTBEAT_INTERVAL_SECONDS", ge=1)
-    log_level: Level = Field("INFO", alias="LOG_LEVEL")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", alias="LOG_LEVEL"
+    )
     # The whole time a request may spend waiting for a connection and running.
     query_timeout: float = Field(10, alias="QUERY_TIMEOUT_SECONDS", gt=0, le=3600)
 
@@ -80,9 +81,9 @@ GRAIN = ["date", *DIMENSIONS]  # the default breakdown: one row per fact row
 BASE_METRICS = ["impressions", "clicks", "cost", "conversions", "likes"]
 RATIOS = ["ctr", "cpc", "cpm", "cpa", "conversion_rate"]
 METRICS = BASE_METRICS + RATIOS
-NAMES = "Keep only these names (see /dimensions), in any case; repeat or use commas."
-GROUP_BY = "The breakdown, at most one of date, week and month; default: the grain."
-SORT = "Output fields, '-' for descending; the group_by fields then break ties."
+NAMES_HELP = "Only these names (see /dimensions), in any case; repeat or use commas."
+GROUP_BY_HELP = "The breakdown: at most one of date, week, month; default: the grain."
+SORT_HELP = "Output fields, '-' for descending; the group_by fields then break ties."
 Dimensions = dict[str, dict[str, str | None] | list[str]]  # GET /dimensions
 
 
@@ -90,14 +91,14 @@ class MetricsQuery(BaseModel):
     model_config = ConfigDict(extra="forbid")
     start_date: date | None = Field(None, description="First day, YYYY-MM-DD.")
     end_date: date | None = Field(None, description="Last day, YYYY-MM-DD.")
-    region: list[str] = Field(default_factory=list, description=NAMES)
-    age_group: list[str] = Field(default_factory=list, description=NAMES)
-    gender: list[str] = Field(default_factory=list, description=NAMES)
-    platform: list[str] = Field(default_factory=list, description=NAMES)
-    placement: list[str] = Field(default_factory=list, description=NAMES)
-    device_type: list[str] = Field(default_factory=list, description=NAMES)
-    group_by: list[Literal[*GROUP_FIELDS]] = Field(GRAIN, description=GROUP_BY)
-    sort: list[str] = Field(default_factory=list, description=SORT)
+    region: list[str] = Field(default_factory=list, description=NAMES_HELP)
+    age_group: list[str] = Field(default_factory=list, description=NAMES_HELP)
+    gender: list[str] = Field(default_factory=list, description=NAMES_HELP)
+    platform: list[str] = Field(default_factory=list, description=NAMES_HELP)
+    placement: list[str] = Field(default_factory=list, description=NAMES_HELP)
+    device_type: list[str] = Field(default_factory=list, description=NAMES_HELP)
+    group_by: list[Literal[*GROUP_FIELDS]] = Field(GRAIN, description=GROUP_BY_HELP)
+    sort: list[str] = Field(default_factory=list, description=SORT_HELP)
     limit: int = Field(100, ge=1, le=1000, description="Rows per page; CSV: all rows.")
     offset: int = Field(0, ge=0, le=2**63 - 1, description="Rows to skip.")
     format: Literal["json", "csv"] = Field("json", description="csv: the rows, a file.")
@@ -115,7 +116,7 @@ class MetricsQuery(BaseModel):
     @classmethod
     def check_group_by(cls, values: list[str]) -> list[str]:
         fields = split(values)
-        check("group_by", fields, GROUP_FIELDS, key=str)
+        check_known("group_by", fields, GROUP_FIELDS, key=str)
         periods = [field for field in fields if field in PERIODS]
         if len(periods) > 1 or len(set(fields)) < len(fields):
             message = "group_by takes each field once, and one of date, week and month"
@@ -127,7 +128,7 @@ class MetricsQuery(BaseModel):
     def check_sort(cls, values: list[str], info: ValidationInfo) -> list[str]:
         items = split(values)
         valid = [*info.data.get("group_by", GROUP_FIELDS), *METRICS]
-        check("sort", items, valid, key=lambda item: item.removeprefix("-"))
+        check_known("sort", items, valid, key=lambda item: item.removeprefix("-"))
         return items
 
 
@@ -145,11 +146,10 @@ class Metrics(BaseModel):
     conversion_rate: float | None = Field(description="conversions / clicks")
 
 
-# A group: its group_by fields, then the metrics. A date or a week (its Monday) is
-# YYYY-MM-DD, a month YYYY-MM; a name is null if its id is not in its table.
-Row = create_model(
-    "Row", __base__=Metrics, **{f: (str | None, None) for f in GROUP_FIELDS}
-)
+# A group: its group_by fields (a week is its Monday; a name is null if its id is not
+# in its table), then the metrics.
+GROUPED = {field: (str | None, None) for field in GROUP_FIELDS}
+Row = create_model("Row", __base__=Metrics, **GROUPED)
 
 
 class Paging(BaseModel):
@@ -168,7 +168,7 @@ class MetricsPage(BaseModel):
 # The routes -------------------------------------------------------------------------
 NOT_MODIFIED = {304: {"description": "If-None-Match holds the current ETag."}}
 UNAVAILABLE = {503: {"description": "The data cannot be read now; detail says why."}}
-CSV = {200: {"content": {"text/csv": {}}}}
+CSV_ANSWER = {200: {"content": {"text/csv": {}}}}
 router = APIRouter(responses=UNAVAILABLE)
 
 
@@ -184,32 +184,31 @@ DatabaseDep = Annotated["Database", Depends(get_database)]
 HeartbeatDep = Annotated["Heartbeat", Depends(get_heartbeat)]
 
 
-@router.get("/metrics", response_model=MetricsPage, responses=CSV | NOT_MODIFIED)
+@router.get("/metrics", response_model=MetricsPage, responses=CSV_ANSWER | NOT_MODIFIED)
 async def get_metrics(
     request: Request, query: Annotated[MetricsQuery, Query()], db: DatabaseDep
 ) -> Response:
     """Return metrics grouped by `group_by`, filtered, sorted and paged, with totals."""
-    async with db.reading() as (file, catalog):
+    async with db.reading() as (signature, catalog):
         filters = resolve_filters(query, catalog)
-        headers = cache_headers(request, file)  # or a 304 now, with no query run
+        headers = cache_headers(request, signature)  # a 304 here if the tag matches
         sql, params = metrics_sql(query, filters, catalog.dates_in_id_order)
         if query.format == "csv":  # without a limit, every row
             limit = query.limit if "limit" in query.model_fields_set else -1
             header = [*query.group_by, *METRICS]
-            body = db.export(file, sql, [*params, limit, query.offset], header)
-            await anext(body)  # the statement runs now, in time, or this is a 503
+            body = db.export(signature, sql, [*params, limit, query.offset], header)
+            await anext(body)  # start the statement now, within the time limit
             headers["Content-Disposition"] = 'attachment; filename="metrics.csv"'
             return StreamingResponse(body, headers=headers, media_type="text/csv")
         params += [query.limit, query.offset]
-        [(data, totals, total_rows)] = await db.fetch(file, sql, params)
+        [(data, totals, total_rows)] = await db.fetch(signature, sql, params)
     paging = {"limit": query.limit, "offset": query.offset, "total_rows": total_rows}
-    offset = query.offset + query.limit  # next: the client's own query, further on
+    offset = query.offset + query.limit  # the next page: the same query, further on
     given = request.scope["query_string"].decode("latin-1").split("&")
     kept = [p for p in given if unquote_plus(p.split("=")[0]) not in ("", "offset")]
     url = f"{request.scope['path']}?{'&'.join([*kept, f'offset={offset}'])}"
     paging["next"] = url if offset < total_rows else None
-    paging = json.dumps(paging, separators=(",", ":"))
-    body = f'{{"data":{data},"totals":{totals},"paging":{paging}}}'
+    body = f'{{"data":{data},"totals":{totals},"paging":{json.dumps(paging)}}}'
     MetricsPage.model_validate_json(body)  # the answer holds to its model, or a 500
     return Response(body, media_type="application/json", headers=headers)
 
@@ -217,8 +216,8 @@ async def get_metrics(
 @router.get("/dimensions", response_model=Dimensions, responses=NOT_MODIFIED)
 async def get_dimensions(request: Request, response: Response, db: DatabaseDep):
     """List each dimension's names in their table's order, and the range of dates."""
-    async with db.reading() as (file, catalog):
-        response.headers.update(cache_headers(request, file))
+    async with db.reading() as (signature, catalog):
+        response.headers.update(cache_headers(request, signature))
     return catalog.dimensions
 
 
@@ -234,13 +233,13 @@ async def health(db: DatabaseDep, heartbeat: HeartbeatDep) -> JSONResponse:
     return JSONResponse(body)
 
 
-async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
     """FastAPI's standard 422 body, each message naming its parameter and value."""
-    detail = jsonable_encoder(error.errors())
-    for e in detail:
-        name = str(e["loc"][-1])
-        if not e["msg"].startswith(name):  # pydantic's own words: say who and what
-            e["msg"] = f"{name} {str(e.get('input'))[:60]!r}: {e['msg']}"
+    detail = jsonable_encoder(e.errors())
+    for error in detail:
+        name = str(error["loc"][-1])
+        if not error["msg"].startswith(name):  # pydantic's words: say who and what
+            error["msg"] = f"{name} {str(error.get('input'))[:60]!r}: {error['msg']}"
     return JSONResponse({"detail": detail}, status_code=422)
 
 
@@ -249,10 +248,11 @@ async def internal_error(request: Request, error: Exception) -> JSONResponse:
     return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
 
 
-def cache_headers(request: Request, file: "Signature") -> dict[str, str]:
+def cache_headers(request: Request, signature: "Signature") -> dict[str, str]:
     """Tag the answer by the file's signature and the request; 304 if it matches."""
-    key = f"{file} {request.scope['path']}?".encode() + request.scope["query_string"]
-    if not file.settled():  # this answer's own tag, which no later request matches
+    asked = request.scope["path"].encode() + b"?" + request.scope["query_string"]
+    key = f"{signature} ".encode() + asked
+    if not signature.settled():  # a tag of its own, which no later request matches
         key += os.urandom(16)
     tag = f'"{hashlib.blake2b(key, digest_size=16).hexdigest()}"'
     headers = {"ETag": tag, "Cache-Control": "no-cache"}  # always revalidate
@@ -266,7 +266,7 @@ def split(values: list[str]) -> list[str]:
     return [item.strip() for value in values for item in value.split(",")]
 
 
-def check(name: str, items: list[str], valid: list[str], key=str.casefold) -> None:
+def check_known(name: str, items: list[str], valid: list[str], key=str.casefold):
     """Raise an error for the first item that is empty or unknown."""
     known = {key(v) for v in valid}
     for item in items:
@@ -278,8 +278,7 @@ def check(name: str, items: list[str], valid: list[str], key=str.casefold) -> No
 
 
 def resolve_filters(query: MetricsQuery, catalog: "Catalog") -> dict[str, list[int]]:
-    """Each filter's names as ids, or a 422 naming a bad one. Values are split on
-    commas, but a value that is a known name is taken whole."""
+    """Each filter's names as ids (a known name whole, else split on commas); or 422."""
     filters = {}
     for dim in DIMENSIONS:
         values, ids, names = getattr(query, dim), catalog.ids[dim], []
@@ -287,7 +286,7 @@ def resolve_filters(query: MetricsQuery, catalog: "Catalog") -> dict[str, list[i
             whole = value.strip().casefold() in ids
             names += [value.strip()] if whole else split([value])
         try:
-            check(dim, names, catalog.dimensions[dim])
+            check_known(dim, names, catalog.dimensions[dim])
         except PydanticCustomError as e:
             error = {"type": e.type, "loc": ("query", dim), "msg": e.message()}
             raise RequestValidationError([error | {"input": values}]) from None
@@ -300,8 +299,7 @@ def resolve_filters(query: MetricsQuery, catalog: "Catalog") -> dict[str, list[i
 # Identifiers come only from the tables above; every value is a parameter.
 NAMED = {"date": ("date_id", "dim_date", "date_value"), **DIMENSIONS}
 KEYS = {f: c for f, (c, _, _) in NAMED.items()} | {"week": "week", "month": "month"}
-# A group_by field's value in a page row p. A name comes by a scalar subquery, which
-# can never double a row, whatever keys the user's tables declare.
+# A group_by field's value in page row p; a name by a scalar subquery: no row doubled.
 LABELS = {"week": "p.week", "month": "p.month"} | {
     field: f"(SELECT CAST({name} AS TEXT) FROM {table} WHERE {column} = p.{column})"
     for field, (column, table, name) in NAMED.items()
@@ -321,28 +319,31 @@ OUTPUT = {m: f"CAST(coalesce({m}, 0) AS INTEGER)" for m in BASE_METRICS} | {
     "conversion_rate": "round(1.0 * coalesce(conversions, 0) / nullif(clicks, 0), 6)",
 }
 SUMS = ", ".join(f"sum({m}) AS {m}" for m in BASE_METRICS)
-# The groups, and a page of them in order with their metrics.
+# For group_by=month,region&region=Africa&sort=-cost, the JSON answer's statement is
+#   WITH groups AS MATERIALIZED (<each month and region: the sums of its days' sums>),
+#   page AS (SELECT month, region_id, <the ten metrics> FROM groups
+#            ORDER BY cost DESC NULLS LAST, month, region_id LIMIT ? OFFSET ?)
+#   SELECT (SELECT json_group_array(json_object('month', p.month, 'region', <its name>,
+#           'impressions', p.impressions, ...)) FROM page AS p),
+#          json_object(<the totals' ten metrics>), total_rows
+#   FROM (SELECT count(*) AS total_rows, <the sums of all groups> FROM groups)
 PAGE_SQL = """WITH groups AS {groups},
 page AS (SELECT {keys}, {metrics} FROM groups ORDER BY {order} LIMIT ? OFFSET ?)"""
-# The JSON answer in one row: the page, the totals and the number of groups.
 JSON_SQL = """{page}
 SELECT (SELECT json_group_array(json_object({row})) FROM page AS p),
        json_object({totals}), total_rows
 FROM (SELECT count(*) AS total_rows, {sums} FROM groups)"""
-# The CSV answer: the page's rows, numbers written as in JSON (0.493256, where
-# Python would write the same double as 0.49325600000000003).
-CSV_SQL = "{page} SELECT {labels}, {numbers} FROM page AS p"
 
 
 def metrics_sql(query: MetricsQuery, filters: dict, dates_in_id_order: bool):
     """The statement that answers a query, and its parameters but LIMIT and OFFSET."""
     where, params = [], []
-    if query.start_date or query.end_date:  # a date missing from dim_date: in none
+    if query.start_date or query.end_date:  # a date not in dim_date is in no range
         days = "SELECT date_id FROM dim_date WHERE date_value BETWEEN ? AND ?"
         where.append(f"date_id IN ({days})")
         params += [str(query.start_date or date.min), str(query.end_date or date.max)]
     for dim, ids in filters.items():  # a placeholder per id: SQLite seeks on each
-        where.append(f"{DIMENSIONS[dim][0]} IN ({', '.join('?' * len(ids))})")
+        where.append(f"{DIMENSIONS[dim][0]} IN ({', '.join(['?'] * len(ids))})")
         params += ids
     page = PAGE_SQL.format(
         groups=groups_sql(query.group_by, " AND ".join(where)),
@@ -350,10 +351,10 @@ def metrics_sql(query: MetricsQuery, filters: dict, dates_in_id_order: bool):
         metrics=", ".join(f"{OUTPUT[m]} AS {m}" for m in METRICS),
         order=order_sql(query.group_by, query.sort, dates_in_id_order),
     )
-    if query.format == "csv":
+    if query.format == "csv":  # the page's rows; numbers as text, as JSON writes them
         labels = ", ".join(LABELS[field] for field in query.group_by)
         numbers = ", ".join(f"CAST(p.{m} AS TEXT)" for m in METRICS)
-        return CSV_SQL.format(page=page, labels=labels, numbers=numbers), params
+        return f"{page} SELECT {labels}, {numbers} FROM page AS p", params
     row = [f"'{f}', {LABELS[f]}" for f in query.group_by]
     row += [f"'{m}', p.{m}" for m in METRICS]
     totals = ", ".join(f"'{m}', {OUTPUT[m]}" for m in METRICS)
@@ -398,26 +399,28 @@ def order_sql(fields: list[str], sort: list[str], dates_in_id_order: bool) -> st
 
 
 # The database -----------------------------------------------------------------------
-STATEMENTS = 32  # at once: the operating system shares the cores among their threads
+STATEMENTS = 32  # running at once, each in its connection's thread, sharing the cores
 DOWNLOADS = 8  # CSV downloads at once, each holding a connection until it ends
 CHUNK = 1000  # the rows a download reads at a time
 # The fact table has our columns, or the error names the one it lacks.
 FACT_COLUMNS = ["date_id", *(column for column, _, _ in DIMENSIONS.values())]
 FACT_SQL = f"SELECT {', '.join(FACT_COLUMNS + BASE_METRICS)} FROM {FACT} LIMIT 0"
-# Every (field, id, name) of the dimension tables, in id order; names as text.
+# Every (field, id, name) of the dimension tables, in id order; a null name is none.
 CATALOG = [
-    f"SELECT '{f}', {c}, CAST({n} AS TEXT) FROM {t}" for f, (c, t, n) in NAMED.items()
+    f"SELECT '{f}', {c}, CAST({n} AS TEXT) FROM {t} WHERE {n} IS NOT NULL"
+    for f, (c, t, n) in NAMED.items()
 ]
 CATALOG_SQL = " UNION ALL ".join(CATALOG) + " ORDER BY 1, 2"
+Stamp = namedtuple("Stamp", ["device", "inode", "size", "mtime_ns"])  # from os.stat
 
 
 class Signature(NamedTuple):
-    file: tuple[int, int, int, int]  # the data file's (device, inode, size, mtime_ns)
-    wal: tuple[int, int, int, int] | None  # its -wal's, if there is one
+    file: Stamp  # what os.stat says of the data file: which it is, and its last write
+    wal: Stamp | None  # the same of its -wal, if there is one
 
     def settled(self) -> bool:
-        """Whether any later write must change it: the last is older than a tick."""
-        newest = max(self.file[3], self.wal[3] if self.wal else 0)
+        """Whether nothing was written for 100 ms: then any later write changes it."""
+        newest = max(self.file.mtime_ns, self.wal.mtime_ns if self.wal else 0)
         return time.time_ns() - newest > 100_000_000
 
 
@@ -428,12 +431,11 @@ class Catalog(NamedTuple):
     dates_in_id_order: bool  # then date_id sorts by date, in the table's key order
 
 
-def stamp(path: str) -> tuple[int, int, int, int] | None:
-    try:
+def stamp(path: str) -> Stamp | None:
+    with contextlib.suppress(FileNotFoundError):  # no file: no stamp
         st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+        return Stamp(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return None
 
 
 def primary_code(error: sqlite3.Error) -> int:
@@ -445,77 +447,76 @@ class Database:
     def __init__(self, path: str, timeout: float) -> None:
         self.path, self.timeout = path, timeout
         self.uri = f"file:{quote(os.path.abspath(path))}?mode=ro"  # never creates it
-        self.statements = asyncio.Semaphore(STATEMENTS)
-        self.downloads = asyncio.Semaphore(DOWNLOADS)
-        self.idle: list[tuple[tuple, aiosqlite.Connection]] = []  # (file_id, conn)
-        self.known: Catalog | None = None
+        self.statement_slots = asyncio.Semaphore(STATEMENTS)
+        self.download_slots = asyncio.Semaphore(DOWNLOADS)
+        self.idle: list[tuple[tuple, Connection]] = []  # (file id, conn)
+        self.kept: Catalog | None = None  # the catalog of a settled signature
 
     def signature(self) -> Signature:
-        file = stamp(self.path)
-        if file is None:
+        data_file = stamp(self.path)
+        if data_file is None:
             raise HTTPException(503, f"database {self.path} is missing")
-        return Signature(file, stamp(self.path + "-wal"))
+        return Signature(data_file, stamp(self.path + "-wal"))
 
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[tuple[Signature, Catalog]]:
         """Signature and catalog, for reads within the time limit; past it, a 503."""
         try:
             async with asyncio.timeout(self.timeout):
-                file = self.signature()
-                yield file, await self.catalog(file)
+                signature = self.signature()
+                yield signature, await self.catalog(signature)
         except TimeoutError:
-            raise HTTPException(
-                503,
-                f"the query took longer than {self.timeout:g} s and was stopped; "
-                "narrow the date range, add filters or group by fewer fields",
-            ) from None
+            stopped = f"the query took longer than {self.timeout:g} s and was stopped"
+            advice = "narrow the date range, add filters or group by fewer fields"
+            raise HTTPException(503, f"{stopped}; {advice}") from None
 
-    async def catalog(self, file: Signature) -> Catalog:
-        """The file's names and dates: known, or read again (and kept once settled).
-        A null name is no name; a name stands for every id that has it, in any case."""
-        if self.known and self.known.signature == file:
-            return self.known
-        await self.fetch(file, FACT_SQL)
-        rows = await self.fetch(file, CATALOG_SQL)
+    async def catalog(self, signature: Signature) -> Catalog:
+        """The file's names and dates: kept, or read again (and kept once settled)."""
+        if self.kept and self.kept.signature == signature:
+            return self.kept
+        await self.fetch(signature, FACT_SQL)
+        rows = await self.fetch(signature, CATALOG_SQL)
         dates = [value for field, _, value in rows if field == "date"]
         ids, names = {dim: {} for dim in DIMENSIONS}, {dim: [] for dim in DIMENSIONS}
-        for dim, i, name in rows:
-            if dim != "date" and name is not None:
+        for dim, i, name in rows:  # a name stands for each of its ids, in any case
+            if dim != "date":
                 ids[dim].setdefault(name.casefold(), []).append(i)
                 names[dim] += [] if name in names[dim] else [name]
         span = {"first": min(dates, default=None), "last": max(dates, default=None)}
-        catalog = Catalog(file, ids, {"date": span} | names, dates == sorted(dates))
-        if file.settled():
-            self.known = catalog
+        dimensions = {"date": span} | names
+        catalog = Catalog(signature, ids, dimensions, dates == sorted(dates))
+        if signature.settled():
+            self.kept = catalog
         return catalog
 
-    async def fetch(self, file: Signature, sql: str, params: list = ()) -> list:
-        async with self.connection(file) as conn:
-            return await self.patiently(lambda: conn.execute_fetchall(sql, params))
+    async def fetch(self, signature: Signature, sql: str, params=()) -> list:
+        async with self.connection(signature) as conn:
+            return await self.retry_busy(lambda: conn.execute_fetchall(sql, params))
 
-    async def export(self, file: Signature, sql: str, params: list, header: list):
-        """Yield "" once the statement runs on a lent connection, then its rows as CSV
-        (RFC 4180; null is an empty field), CHUNK at a time, after the header."""
-        if self.downloads.locked():
+    async def export(self, signature: Signature, sql: str, params: list, header: list):
+        """Yield "" once the statement has started on a lent connection, then the header
+        and the rows as CSV (RFC 4180; null is an empty field), CHUNK rows at a time."""
+        if self.download_slots.locked():
             busy = f"{DOWNLOADS} downloads are under way; retry later"
             raise HTTPException(503, busy)
-        async with self.downloads, self.connection(file) as conn:
-            cursor = await self.patiently(lambda: conn.execute(sql, params))
+        async with self.download_slots, self.connection(signature) as conn:
+            cursor = await self.retry_busy(lambda: conn.execute(sql, params))
             rows = [header, *await cursor.fetchmany(CHUNK)]
             yield ""  # the caller can now start the answer
-            while rows:  # it ends, or the client leaves: the statement stops
+            while rows:  # to the end, unless the client leaves: then it is interrupted
                 out = io.StringIO()
                 csv.writer(out, lineterminator="\r\n").writerows(rows)
                 yield out.getvalue()
                 rows = await cursor.fetchmany(CHUNK)
 
     @contextlib.asynccontextmanager
-    async def connection(self, file: Signature) -> AsyncIterator[aiosqlite.Connection]:
-        """Lend a connection to this file. It comes back after a statement that ended
-        well; any other is closed, so that no interrupt or doubt reaches another."""
-        async with self.statements:
+    async def connection(self, signature: Signature) -> AsyncIterator[Connection]:
+        """Lend a connection to the file of this signature. It is reused only if its
+        statement ended well; else it is interrupted and closed, reaching no other."""
+        file_id = signature.file.device, signature.file.inode
+        async with self.statement_slots:
             opened_on, conn = self.idle.pop() if self.idle else (None, None)
-            if opened_on != file.file[:2]:  # none idle, or one to another file
+            if opened_on != file_id:  # none idle, or one opened on another file
                 if conn:
                     await conn.close()
                 try:
@@ -528,10 +529,10 @@ class Database:
                 await conn.interrupt()
                 await conn.close()
                 raise
-            self.idle.append((file.file[:2], conn))
+            self.idle.append((file_id, conn))
 
-    async def patiently(self, statement):
-        """Await a statement, again every 50 ms while another process writes the file."""
+    async def retry_busy(self, statement):
+        """Await a statement; again every 50 ms while another process writes."""
         while True:
             try:
                 return await statement()
@@ -558,15 +559,15 @@ LAST_RUN_SQL = "SELECT slot, ran_at FROM job_runs ORDER BY slot DESC LIMIT 1"
 
 
 class Heartbeat:
-    """Logs each slot of a UTC grid once, in the worker that claims it first."""
+    """The async cron job: at each slot of a UTC grid, the worker that first claims
+    the slot (a row in HEARTBEAT_DB) logs the heartbeat; the others log nothing."""
 
     def __init__(self, path: str, interval: int) -> None:
         self.path, self.interval = path, interval
         self.scheduler = AsyncIOScheduler(timezone=UTC)
-        self.running = asyncio.Lock()  # held by a run in progress
+        self.claiming = asyncio.Lock()  # held while a run claims its slot
         self.stopping = False
-        # On the grid; the latest slot at once (if it has run, the claim finds its
-        # row): restarts neither shift the grid nor replay older slots.
+        # On the epoch's grid, whatever the restarts; the latest slot at once if unrun.
         self.scheduler.add_job(
             self.run,
             IntervalTrigger(seconds=interval, start_date=self.slot_at(0)),
@@ -587,20 +588,19 @@ class Heartbeat:
         ran_at = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
         # Give up half a second before the next slot is due, so that it is not skipped.
         deadline = self.slot_at(now).timestamp() + self.interval - 0.5
-        async with self.running:
+        async with self.claiming:
             try:
                 won = await self.claim([slot, ran_at, os.getpid()], deadline)
             except Exception:
                 log.exception("heartbeat slot=%s failed", slot)
                 return
-        if won is None:
+        if won is None:  # the server stopped before the claim could be made
             log.warning("heartbeat slot=%s not recorded: the server is stopping", slot)
         elif won:
             log.info("heartbeat slot=%s ran_at=%s", slot, ran_at)
 
     async def claim(self, row: list, deadline: float) -> bool | None:
-        """Insert the slot's row unless it is there: True if this process did, False
-        if another had, None if the server stopped first."""
+        """Insert the slot's row: True if this process did, False if it was there."""
         while not self.stopping:
             try:
                 async with aiosqlite.connect(self.path, timeout=0.05) as db:
@@ -618,8 +618,8 @@ class Heartbeat:
         """Stop scheduling; a run in progress ends its attempt and says so."""
         self.stopping = True
         self.scheduler.pause()
-        await asyncio.sleep(0)  # a run handed over just now starts, and sees the stop
-        async with self.running:  # no run is left for the shutdown to cancel
+        await asyncio.sleep(0)  # a run started just now gets to see `stopping`
+        async with self.claiming:  # then no run is left for the shutdown to cancel
             self.scheduler.shutdown(wait=False)
 
     async def state(self) -> dict:
@@ -647,16 +647,16 @@ class StartupError(Exception):
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings, path = app.state.settings, app.state.settings.db_path
+    settings = app.state.settings
     # Start-up: check that the data file can be served, then start the heartbeat.
     logging.basicConfig(format="%(levelname)s:     %(name)s[%(process)d] %(message)s")
     log.setLevel(settings.log_level)
     if sqlite3.sqlite_version_info < (3, 35):  # for MATERIALIZED and NULLS LAST
         raise StartupError(f"SQLite 3.35+ is needed, not {sqlite3.sqlite_version}")
-    if not os.path.exists(path):
-        create = f"create it with: python seed.py --db {path}"
-        raise StartupError(f"database {path} not found; {create}")
-    database = Database(path, settings.query_timeout)
+    if not os.path.exists(settings.db_path):
+        create = f"create it with: python seed.py --db {settings.db_path}"
+        raise StartupError(f"database {settings.db_path} not found; {create}")
+    database = Database(settings.db_path, settings.query_timeout)
     try:
         async with database.reading():  # waiting while another process writes
             pass
@@ -673,7 +673,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    handlers = {RequestValidationError: invalid, Exception: internal_error}
+    handlers = {RequestValidationError: validation_error, Exception: internal_error}
     app = FastAPI(
         title="Ad Metrics API", lifespan=lifespan, exception_handlers=handlers
     )

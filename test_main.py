@@ -197,11 +197,9 @@ def test_metrics_match_the_reference(client, params):
     check_page(client.get("/metrics", params=params), params)
 
 
-VARIANTS = ["no unique key", "date ids in date order", "extra columns named like ours",
-            "counts stored as reals", "dimension rows loaded twice"]  # fmt: skip
+VARIANTS = ["no unique key", "date ids in date order", "extra columns named like ours", "counts stored as reals", "dimension rows loaded twice"]  # fmt: skip
 SOME_QUERIES = [{}, {"limit": "30", "offset": "400", "sort": "-cost"}, {"group_by": "week"},
-                {"group_by": "month,region"}, {"group_by": "date", "sort": "-date"},
-                {"region": "Zulu"}]  # fmt: skip
+                {"group_by": "month,region"}, {"group_by": "date", "sort": "-date"}, {"region": "Zulu"}]  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -228,8 +226,7 @@ def test_no_rows_gives_zero_totals_and_null_ratios(client):
     assert response.json() == {"data": [], "paging": {"limit": 100, "offset": 0, "total_rows": 0, "next": None},
         "totals": {"impressions": 0, "clicks": 0, "cost": 0.0, "conversions": 0, "likes": 0,
                    "ctr": None, "cpc": None, "cpm": None, "cpa": None, "conversion_rate": None}}  # fmt: skip
-    params = {"group_by": "date,region", "start_date": "2025-02-03",
-              "end_date": "2025-02-03", "region": "Mike"}  # fmt: skip
+    params = {"group_by": "date,region", "start_date": "2025-02-03", "end_date": "2025-02-03", "region": "Mike"}  # fmt: skip
     [row] = client.get("/metrics", params=params).json()["data"]  # a group of zeros
     assert [row[m] for m in main.METRICS] == [0, 0, 0.0, 0, 0] + [None] * 5
 
@@ -250,11 +247,15 @@ def test_a_fact_row_with_an_unknown_id_or_date_is_kept_with_a_null_name(client):
 
 
 def test_a_name_stands_for_each_of_its_ids_in_any_case_and_a_null_one_for_none(db_path):
-    with sqlite3.connect(db_path) as db:  # two ids named alike; an id with no name
+    with sqlite3.connect(db_path) as db:  # two ids named alike; ids with no name
         db.execute("UPDATE dim_region SET region_name = 'mike' WHERE region_id = 2")
         db.execute("UPDATE dim_region SET region_name = NULL WHERE region_id = 5")
+        db.execute("UPDATE dim_date SET date_value = NULL WHERE date_value = ?", [DAYS[-1]])  # fmt: skip
     with TestClient(app_for(db_path)) as client:
         assert client.get("/dimensions").json()["region"] == ["mike", "Mike", "Quebec"]
+        assert client.get("/dimensions").json()["date"] == {"first": DAYS[0], "last": DAYS[-2]}  # fmt: skip
+        days = [row["date"] for row in client.get("/metrics?group_by=date").json()["data"]]  # fmt: skip
+        assert days == [None] * 3 + DAYS[:-1]  # two unknown date ids and a null date
         body = client.get("/metrics?region=MIKE&group_by=region").json()
         assert [row["region"] for row in body["data"]] == ["mike", "Mike"]
         both = sum(f["impressions"] for f in FACTS if f["region"] in (2, 7))
@@ -424,8 +425,7 @@ def test_an_answer_s_etag_brings_a_304_without_running_a_query(client, url, monk
 
 
 def test_each_request_has_its_own_tag_and_every_instance_the_same(db_path, tmp_path):
-    urls = ["/metrics", "/metrics?limit=5", "/metrics?limit=5&format=csv",
-            "/metrics?group_by=week", "/dimensions"]  # fmt: skip
+    urls = ["/metrics", "/metrics?limit=5", "/metrics?limit=5&format=csv", "/metrics?group_by=week", "/dimensions"]  # fmt: skip
     tags = []
     for name in ("one", "two"):  # two workers, say, or a restart
         with TestClient(app_for(db_path, tmp_path / name)) as client:
