@@ -84,7 +84,7 @@ METRICS = BASE_METRICS + RATIOS
 NAMES_HELP = "Only these names (see /dimensions), in any case; repeat or use commas."
 GROUP_BY_HELP = "The breakdown: at most one of date, week, month; default: the grain."
 SORT_HELP = "Output fields, '-' for descending; the group_by fields then break ties."
-Dimensions = dict[str, dict[str, str | None] | list[str]]  # GET /dimensions
+DimensionNames = dict[str, dict[str, str | None] | list[str]]  # GET /dimensions
 
 
 class MetricsQuery(BaseModel):
@@ -99,7 +99,7 @@ class MetricsQuery(BaseModel):
     device_type: list[str] = Field(default_factory=list, description=NAMES_HELP)
     group_by: list[Literal[*GROUP_FIELDS]] = Field(GRAIN, description=GROUP_BY_HELP)
     sort: list[str] = Field(default_factory=list, description=SORT_HELP)
-    limit: int = Field(100, ge=1, le=1000, description="Rows per page; CSV: all rows.")
+    limit: int = Field(100, ge=1, le=1000, description="Rows; CSV: all if not given.")
     offset: int = Field(0, ge=0, le=2**63 - 1, description="Rows to skip.")
     format: Literal["json", "csv"] = Field("json", description="csv: the rows, a file.")
 
@@ -213,7 +213,7 @@ async def get_metrics(
     return Response(body, media_type="application/json", headers=headers)
 
 
-@router.get("/dimensions", response_model=Dimensions, responses=NOT_MODIFIED)
+@router.get("/dimensions", response_model=DimensionNames, responses=NOT_MODIFIED)
 async def get_dimensions(request: Request, response: Response, db: DatabaseDep):
     """List each dimension's names in their table's order, and the range of dates."""
     async with db.reading() as (signature, catalog):
@@ -427,7 +427,7 @@ class Signature(NamedTuple):
 class Catalog(NamedTuple):
     signature: Signature  # of the file it was read from
     ids: dict[str, dict[str, list[int]]]  # dimension -> folded name -> its ids
-    dimensions: Dimensions  # the answer of GET /dimensions
+    dimensions: DimensionNames  # the answer of GET /dimensions
     dates_in_id_order: bool  # then date_id sorts by date, in the table's key order
 
 
@@ -567,12 +567,12 @@ class Heartbeat:
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.claiming = asyncio.Lock()  # held while a run claims its slot
         self.stopping = False
-        # On the epoch's grid, whatever the restarts; the latest slot at once if unrun.
+        # A grid from the epoch, whatever the restarts; a cron field can't say "7 h".
         self.scheduler.add_job(
             self.run,
             IntervalTrigger(seconds=interval, start_date=self.slot_at(0)),
             id="heartbeat",
-            next_run_time=self.slot_at(time.time()),
+            next_run_time=self.slot_at(time.time()),  # the latest slot, at once
             coalesce=True,
             max_instances=1,
             misfire_grace_time=interval,  # late is fine, until the next slot
@@ -600,7 +600,7 @@ class Heartbeat:
             log.info("heartbeat slot=%s ran_at=%s", slot, ran_at)
 
     async def claim(self, row: list, deadline: float) -> bool | None:
-        """Insert the slot's row: True if this process did, False if it was there."""
+        """Insert the slot's row: True if we did, False if it was; None if stopping."""
         while not self.stopping:
             try:
                 async with aiosqlite.connect(self.path, timeout=0.05) as db:
