@@ -37,19 +37,18 @@ from pydantic_core import PydanticCustomError, ValidationError
 from pydantic_core.core_schema import ValidationInfo
 
 log = logging.getLogger("ad_metrics")
+Level = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 # Settings ---------------------------------------------------------------------------
 class Settings(BaseModel):
-    model_config = ConfigDict(frozen=True)  # set by the variables' names only
+    model_config = ConfigDict(frozen=True)  # fields set by their aliases only
     db_path: str = Field("ads.db", alias="ADS_DB")
     heartbeat_db: str = Field("heartbeat.db", alias="HEARTBEAT_DB")
     host: str = Field("127.0.0.1", alias="HOST")
     port: int = Field(8000, alias="PORT", ge=1, le=65535)
     heartbeat_interval: int = Field(21600, alias="HEARTBEAT_INTERVAL_SECONDS", ge=1)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", alias="LOG_LEVEL"
-    )
+    log_level: Level = Field("INFO", alias="LOG_LEVEL")
     # The whole time a request may spend waiting for a connection and running.
     query_timeout: float = Field(10, alias="QUERY_TIMEOUT_SECONDS", gt=0, le=3600)
 
@@ -304,10 +303,10 @@ LABELS = {"week": "p.week", "month": "p.month"} | {
     field: f"(SELECT CAST({name} AS TEXT) FROM {table} WHERE {column} = p.{column})"
     for field, (column, table, name) in NAMED.items()
 }
-DAY = "(SELECT date_value FROM dim_date WHERE date_id = d.date_id)"  # of a day d
+DATE_OF = "(SELECT date_value FROM dim_date WHERE date_id = {}.date_id)"  # of a row
 WEEK_OR_MONTH = {
-    "week": f"date({DAY}, 'weekday 0', '-6 days')",
-    "month": f"substr({DAY}, 1, 7)",
+    "week": f"date({DATE_OF.format('d')}, 'weekday 0', '-6 days')",
+    "month": f"substr({DATE_OF.format('d')}, 1, 7)",
 }
 # Each metric of a row or of the totals, from their sums; a null counts as 0.
 OUTPUT = {m: f"CAST(coalesce({m}, 0) AS INTEGER)" for m in BASE_METRICS} | {
@@ -319,6 +318,8 @@ OUTPUT = {m: f"CAST(coalesce({m}, 0) AS INTEGER)" for m in BASE_METRICS} | {
     "conversion_rate": "round(1.0 * coalesce(conversions, 0) / nullif(clicks, 0), 6)",
 }
 SUMS = ", ".join(f"sum({m}) AS {m}" for m in BASE_METRICS)
+PAGE_METRICS = ", ".join(f"{OUTPUT[m]} AS {m}" for m in METRICS)
+TOTALS = ", ".join(f"'{m}', {OUTPUT[m]}" for m in METRICS)
 # For group_by=month,region&region=Africa&sort=-cost, the JSON answer's statement is
 #   WITH groups AS MATERIALIZED (<each month and region: the sums of its days' sums>),
 #   page AS (SELECT month, region_id, <the ten metrics> FROM groups
@@ -348,7 +349,7 @@ def metrics_sql(query: MetricsQuery, filters: dict, dates_in_id_order: bool):
     page = PAGE_SQL.format(
         groups=groups_sql(query.group_by, " AND ".join(where)),
         keys=", ".join(KEYS[field] for field in query.group_by),
-        metrics=", ".join(f"{OUTPUT[m]} AS {m}" for m in METRICS),
+        metrics=PAGE_METRICS,
         order=order_sql(query.group_by, query.sort, dates_in_id_order),
     )
     if query.format == "csv":  # the page's rows; numbers as text, as JSON writes them
@@ -357,8 +358,7 @@ def metrics_sql(query: MetricsQuery, filters: dict, dates_in_id_order: bool):
         return f"{page} SELECT {labels}, {numbers} FROM page AS p", params
     row = [f"'{f}', {LABELS[f]}" for f in query.group_by]
     row += [f"'{m}', p.{m}" for m in METRICS]
-    totals = ", ".join(f"'{m}', {OUTPUT[m]}" for m in METRICS)
-    sql = JSON_SQL.format(page=page, row=", ".join(row), totals=totals, sums=SUMS)
+    sql = JSON_SQL.format(page=page, row=", ".join(row), totals=TOTALS, sums=SUMS)
     return sql, params
 
 
@@ -391,8 +391,7 @@ def order_sql(fields: list[str], sort: list[str], dates_in_id_order: bool) -> st
         if field in METRICS:
             terms.append(f"{field}{way} NULLS LAST")
         elif field == "date" and not dates_in_id_order:
-            day = "(SELECT date_value FROM dim_date WHERE date_id = groups.date_id)"
-            terms.append(f"{day}{way}, date_id{way}")
+            terms.append(f"{DATE_OF.format('groups')}{way}, date_id{way}")
         else:
             terms.append(f"{KEYS[field]}{way}")
     return ", ".join(terms)
@@ -403,7 +402,7 @@ STATEMENTS = 32  # running at once, each in its connection's thread, sharing the
 DOWNLOADS = 8  # CSV downloads at once, each holding a connection until it ends
 CHUNK = 1000  # the rows a download reads at a time
 # The fact table has our columns, or the error names the one it lacks.
-FACT_COLUMNS = ["date_id", *(column for column, _, _ in DIMENSIONS.values())]
+FACT_COLUMNS = [KEYS[field] for field in GRAIN]
 FACT_SQL = f"SELECT {', '.join(FACT_COLUMNS + BASE_METRICS)} FROM {FACT} LIMIT 0"
 # Every (field, id, name) of the dimension tables, in id order; a null name is none.
 CATALOG = [
@@ -564,6 +563,7 @@ class Heartbeat:
 
     def __init__(self, path: str, interval: int) -> None:
         self.path, self.interval = path, interval
+        self.uri = f"file:{quote(os.path.abspath(path))}?mode=ro"  # for state()
         self.scheduler = AsyncIOScheduler(timezone=UTC)
         self.claiming = asyncio.Lock()  # held while a run claims its slot
         self.stopping = False
@@ -625,8 +625,7 @@ class Heartbeat:
     async def state(self) -> dict:
         job, last_run, now = self.scheduler.get_job("heartbeat"), None, time.time()
         with contextlib.suppress(sqlite3.Error):  # no file or no table yet: no run
-            uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"
-            async with aiosqlite.connect(uri, uri=True, timeout=1) as db:
+            async with aiosqlite.connect(self.uri, uri=True, timeout=1) as db:
                 for slot, ran_at in await db.execute_fetchall(LAST_RUN_SQL):
                     last_run = {"slot": slot, "ran_at": ran_at}
         latest = self.slot_at(now)  # overdue: it has had no run for over a minute
