@@ -47,6 +47,9 @@ class Settings(BaseModel):
             raise SystemExit(f"{error['loc'][0]}={error['input']!r}: {error['msg']}")
 
 
+settings = Settings.from_env(os.environ)
+
+
 # The models: what a request may ask, and what it is answered ------------------------
 # Each dimension: its name in the API, then its table, id column and name column.
 DIMENSIONS = {
@@ -59,10 +62,12 @@ DIMENSIONS = {
 }
 PERIODS = ["date", "week", "month"]
 GroupField = Literal[*PERIODS, *DIMENSIONS]
+DATES = ("dim_date", "date_id", "date_value")  # the seventh dimension
 GRAIN = ["date", *DIMENSIONS]  # the default breakdown: a row per fact row
 COUNTS = ["impressions", "clicks", "cost", "conversions", "likes"]
 METRICS = [*COUNTS, "ctr", "cpc", "cpm", "cpa", "conversion_rate"]
 NAMES = "Only rows with these names (see /dimensions), in any case; repeat for more."
+MISSING = "database {0} is missing; create it with: python seed.py --db {0}"
 
 
 class MetricsQuery(BaseModel):
@@ -103,13 +108,15 @@ class MetricsQuery(BaseModel):
     @classmethod
     def one_period_each_once(cls, fields: list[str]) -> list[str]:
         if len(set(fields)) < len(fields) or len(set(fields) & set(PERIODS)) > 1:
-            raise ValueError("name each field once, and one of date, week and month")
+            raise ValueError("name each field once, and at most one period")
         return fields
 
     @field_validator("sort")
     @classmethod
     def sort_by_answer_fields(cls, sort: list[str], info: ValidationInfo) -> list[str]:
-        fields = [*info.data.get("group_by", []), *METRICS]
+        if "group_by" not in info.data:  # it failed: its own error says so
+            return sort
+        fields = [*info.data["group_by"], *METRICS]
         for item in sort:
             if item.removeprefix("-") not in fields:
                 valid = ", ".join(fields)
@@ -194,8 +201,7 @@ class Health(BaseModel):
 
 # The SQL ----------------------------------------------------------------------------
 # Table and column names come only from the constants here; every value is a parameter.
-# What each group_by field shows (a week is its Monday, a name is text), and the table
-# it is read from; a LEFT JOIN keeps a fact row whose id is not there, with null.
+# What each group_by field shows: a week is its Monday, a name is read as text.
 LABELS = {
     "date": "dim_date.date_value",
     "week": "date(dim_date.date_value, 'weekday 0', '-6 days')",
@@ -203,14 +209,10 @@ LABELS = {
 } | {
     dim: f"CAST({table}.{name} AS TEXT)" for dim, (table, _, name) in DIMENSIONS.items()
 }
-JOINS = dict.fromkeys(PERIODS, "LEFT JOIN dim_date ON dim_date.date_id = f.date_id") | {
-    dim: f"LEFT JOIN {table} ON {table}.{id} = f.{id}"
-    for dim, (table, id, _) in DIMENSIONS.items()
-}
-# A fact row's counts, a null counted as 0; the counts of several rows, added up; the
-# ten metrics of a row of counts.
+# The counts of a fact row f, a null counted as 0; the counts of rows, added up.
 VALUES = ", ".join(f"coalesce(f.{count}, 0) AS {count}" for count in COUNTS)
 SUMS = ", ".join(f"coalesce(sum({count}), 0) AS {count}" for count in COUNTS)
+# The ten metrics of a row of counts; the ratios are of the cost before rounding.
 OUTPUT = """impressions, clicks, round(cost, 2) AS cost, conversions, likes,
     round(1.0 * clicks / nullif(impressions, 0), 6) AS ctr,
     round(1.0 * cost / nullif(clicks, 0), 6) AS cpc,
@@ -219,12 +221,36 @@ OUTPUT = """impressions, clicks, round(cost, 2) AS cost, conversions, likes,
     round(1.0 * conversions / nullif(clicks, 0), 6) AS conversion_rate"""
 
 
-def facts_sql(query: MetricsQuery, fields: list[str], where: str) -> str:
-    """The matching fact rows: the labels of these fields, then the counts."""
-    joined = [*fields, "date"] if query.start_date or query.end_date else fields
-    joins = " ".join(dict.fromkeys(JOINS[field] for field in joined))  # each once
+def facts_sql(fields: list[str], where: str = "", dated: bool = False) -> str:
+    """The fact rows f that `where` keeps, with the labels of these fields and the
+    counts. A LEFT JOIN brings each field's dimension table (and dim_date if `dated`,
+    for a WHERE on dates), keeping a fact row whose id is not there, with null."""
+    tables = []
+    for field in [*fields, "date"] if dated else fields:
+        table, id_column, _ = DIMENSIONS.get(field, DATES)
+        join = f"LEFT JOIN {table} ON {table}.{id_column} = f.{id_column}"
+        if join not in tables:  # one join for date and the date range
+            tables.append(join)
     labels = "".join(f"{LABELS[field]} AS {field}, " for field in fields)
+    joins = " ".join(tables)
     return f"SELECT {labels}{VALUES} FROM fact_ad_metrics_daily AS f {joins} {where}"
+
+
+# A statement that reads no row, but fails if a table or a column is not in the file.
+SCHEMA_SQL = f"{facts_sql(GRAIN)} LIMIT 0"
+
+
+def where_sql(query: MetricsQuery, ids: dict[str, list[int]]) -> tuple[str, list]:
+    """The WHERE clause of the date range and the filters' ids, with its parameters."""
+    terms, params = [], []
+    if query.start_date or query.end_date:
+        terms.append("dim_date.date_value BETWEEN ? AND ?")
+        params += [str(query.start_date or date.min), str(query.end_date or date.max)]
+    for dim, dim_ids in ids.items():
+        id_column = DIMENSIONS[dim][1]
+        terms.append(f"f.{id_column} IN ({', '.join('?' for _ in dim_ids)})")
+        params += dim_ids
+    return (f"WHERE {' AND '.join(terms)}" if terms else ""), params
 
 
 def order_sql(query: MetricsQuery) -> str:
@@ -238,9 +264,6 @@ def order_sql(query: MetricsQuery) -> str:
 
 
 # The database -----------------------------------------------------------------------
-settings = Settings.from_env(os.environ)
-
-
 def connect() -> aiosqlite.Connection:
     """Open the data file read-only, so that SQLite neither writes nor creates it;
     SQLite waits up to the time limit for another process's lock."""
@@ -248,16 +271,22 @@ def connect() -> aiosqlite.Connection:
     return aiosqlite.connect(uri, uri=True, timeout=settings.query_timeout)
 
 
-def missing(path: str) -> str:
-    return f"database {path} is missing; create it with: python seed.py --db {path}"
+async def schema_error() -> sqlite3.Error | None:
+    """Why the data file cannot be served (not a database, or a table missing)."""
+    try:
+        async with connect() as db:
+            await db.execute(SCHEMA_SQL)
+    except sqlite3.Error as error:
+        return error
+    return None
 
 
 async def get_db() -> AsyncIterator[aiosqlite.Connection]:
     """A connection for one request. Made anew each time, it follows the data file when
     it is replaced or removed; SQLite interrupts a statement past the time limit. A
-    failure of the file is a 503 saying so; a fault in our SQL (SQLITE_ERROR), a 500."""
+    failure of the file is a 503 that says so, a fault of our own SQL a 500."""
     if not os.path.exists(settings.db_path):
-        raise HTTPException(503, missing(settings.db_path))
+        raise HTTPException(503, MISSING.format(settings.db_path))
     deadline = time.monotonic() + settings.query_timeout
     try:
         async with connect() as db:
@@ -266,12 +295,12 @@ async def get_db() -> AsyncIterator[aiosqlite.Connection]:
             yield db
     except sqlite3.Error as error:
         name = getattr(error, "sqlite_errorname", "SQLITE_ERROR")
-        if name == "SQLITE_ERROR":
-            raise
         if name == "SQLITE_INTERRUPT":
             took = f"the query took over {settings.query_timeout:g} s and was stopped"
             advice = "narrow the dates, add filters or group by fewer fields"
             raise HTTPException(503, f"{took}; {advice}") from None
+        if name == "SQLITE_ERROR" and not await schema_error():
+            raise  # the file is sound: the statement is at fault
         cause = f"database {settings.db_path} cannot be read: {error}"
         raise HTTPException(503, cause) from None
 
@@ -288,51 +317,49 @@ async def names_of(db: aiosqlite.Connection, dim: str) -> list[tuple[int, str]]:
     )
 
 
-async def where_sql(db: aiosqlite.Connection, query: MetricsQuery) -> tuple[str, list]:
-    """The WHERE clause of the query's date range and filters, and its parameters. A
-    name stands for its ids, in any case; an unknown name is a 422 listing the known."""
-    terms, params = [], []
-    if query.start_date or query.end_date:
-        terms.append("dim_date.date_value BETWEEN ? AND ?")
-        params += [str(query.start_date or date.min), str(query.end_date or date.max)]
-    for dim, (_, id_column, _) in DIMENSIONS.items():
+async def filter_ids(db: aiosqlite.Connection, query: MetricsQuery) -> dict:
+    """Each filter's names as the ids that have them, in any case; an unknown name is
+    FastAPI's 422, listing the known ones."""
+    ids = {}
+    for dim in DIMENSIONS:
         if not (names := getattr(query, dim)):
             continue
         known = await names_of(db, dim)
+        known_names = [known_name.casefold() for _, known_name in known]
         for name in names:
-            if name.casefold() not in {k.casefold() for _, k in known}:
-                valid = ", ".join(k for _, k in known)
+            if name.casefold() not in known_names:
+                valid = ", ".join(known_name for _, known_name in known)
                 message = f"{dim} {name!r} is not one of: {valid}"
                 error = {"type": "value_error", "loc": ("query", dim), "msg": message}
                 raise RequestValidationError([{**error, "input": names}])
-        wanted = {name.casefold() for name in names}
-        ids = [i for i, name in known if name.casefold() in wanted]
-        terms.append(f"f.{id_column} IN ({', '.join('?' for _ in ids)})")
-        params += ids
-    return (f"WHERE {' AND '.join(terms)}" if terms else ""), params
+        wanted = [name.casefold() for name in names]
+        ids[dim] = [i for i, known_name in known if known_name.casefold() in wanted]
+    return ids
 
 
-async def answer(
-    db: aiosqlite.Connection, query: MetricsQuery
-) -> tuple[list, dict, int]:
-    """The rows of a query's page, its totals, and the count of all its rows."""
-    where, params = await where_sql(db, query)
+async def answer(db: aiosqlite.Connection, query: MetricsQuery) -> tuple[list, dict]:
+    """The rows of a query's page, and its totals with the count of all its rows."""
+    where, params = where_sql(query, await filter_ids(db, query))
+    dated = bool(query.start_date or query.end_date)
+    facts = facts_sql(query.group_by, where, dated)
     fields = ", ".join(query.group_by)
-    facts = facts_sql(query, query.group_by, where)
     if set(query.group_by) == set(GRAIN):  # a row per fact row: nothing to add up
-        rows, counted = f"({facts})", f"({facts_sql(query, [], where)})"
-    else:  # the groups, added up once into a table of this connection's own
-        sql = f"SELECT {fields}, {SUMS} FROM ({facts}) GROUP BY {fields}"
-        await db.execute(f"CREATE TEMP TABLE groups AS {sql}", params)
+        rows = f"({facts})"
+        counted = f"({facts_sql([], where, dated)})"  # the totals need no names
+    else:  # the groups, added up once into a table of the connection's own
+        groups = f"SELECT {fields}, {SUMS} FROM ({facts}) GROUP BY {fields}"
+        await db.execute(f"CREATE TEMP TABLE groups AS {groups}", params)
         rows, counted, params = "groups", "groups", []
     order = order_sql(query)
-    sql = f"SELECT {fields}, {OUTPUT} FROM {rows} ORDER BY {order} LIMIT ? OFFSET ?"
-    page = await db.execute_fetchall(sql, [*params, query.limit, query.offset])
+    page_sql = (
+        f"SELECT {fields}, {OUTPUT} FROM {rows} ORDER BY {order} LIMIT ? OFFSET ?"
+    )
+    page = await db.execute_fetchall(page_sql, [*params, query.limit, query.offset])
     counts = f"SELECT count(*) AS total_rows, {SUMS} FROM {counted}"
-    sql = f"SELECT total_rows, {OUTPUT} FROM ({counts})"
-    [totals] = await db.execute_fetchall(sql, params)
-    totals = dict(totals)
-    return [dict(row) for row in page], totals, totals.pop("total_rows")
+    [totals] = await db.execute_fetchall(
+        f"SELECT total_rows, {OUTPUT} FROM ({counts})", params
+    )
+    return [dict(row) for row in page], dict(totals)
 
 
 # The heartbeat: the cron job --------------------------------------------------------
@@ -355,9 +382,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     logging.basicConfig(format="%(levelname)s:  %(name)s[%(process)d] %(message)s")
     log.setLevel(settings.log_level)
     if not os.path.exists(settings.db_path):
-        raise RuntimeError(missing(settings.db_path))
-    async with connect() as db:  # a table or a column missing fails here
-        await db.execute(f"{facts_sql(MetricsQuery(), GRAIN, '')} LIMIT 0")
+        raise RuntimeError(MISSING.format(settings.db_path))
+    if error := await schema_error():
+        raise RuntimeError(f"database {settings.db_path} cannot be read: {error}")
     app.state.last_heartbeat = None
     app.state.scheduler = scheduler = AsyncIOScheduler(timezone=UTC)
     grid = IntervalTrigger(seconds=settings.heartbeat_interval, start_date=EPOCH)
@@ -377,7 +404,8 @@ async def get_metrics(
     request: Request, query: Annotated[MetricsQuery, Query()], db: DbDep
 ) -> MetricsPage:
     """The metrics by `group_by`, filtered, sorted and paged, with their totals."""
-    rows, totals, total_rows = await answer(db, query)
+    rows, totals = await answer(db, query)
+    total_rows = totals.pop("total_rows")
     following = query.offset + query.limit
     next_page = None
     if following < total_rows:  # the same query, further on
@@ -386,8 +414,7 @@ async def get_metrics(
     paging = Paging(
         limit=query.limit, offset=query.offset, total_rows=total_rows, next=next_page
     )
-    data = [Row.model_validate(row) for row in rows]
-    return MetricsPage(data=data, totals=Metrics.model_validate(totals), paging=paging)
+    return MetricsPage(data=rows, totals=totals, paging=paging)
 
 
 @app.get("/dimensions", response_model=Dimensions)
@@ -402,14 +429,14 @@ async def get_dimensions(db: DbDep) -> Dimensions:
 @app.get("/health", response_model=Health)
 async def health(request: Request, db: DbDep) -> Health:
     """Whether the data file can be read, and when the heartbeat ran and runs next."""
-    await db.execute_fetchall("SELECT count(*) FROM sqlite_master")
+    await db.execute(SCHEMA_SQL)
     scheduler = request.app.state.scheduler
-    heartbeat = Heartbeat(
+    state = Heartbeat(
         running=scheduler.running,
         next_run_at=scheduler.get_job("heartbeat").next_run_time,
         last_run=request.app.state.last_heartbeat,
     )
-    return Health(status="ok", scheduler=heartbeat)
+    return Health(status="ok", scheduler=state)
 
 
 if __name__ == "__main__":

@@ -35,32 +35,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 warnings.filterwarnings("ignore", message=".*httpx2.*")  # Starlette's TestClient notice
-from fastapi.testclient import TestClient  # noqa: E402
+from fastapi.testclient import TestClient
 
-import main  # noqa: E402
-import seed  # noqa: E402
+import main
+import seed
 
 HERE = Path(__file__).parent
+MISSING = "database {} is missing; create it with: python seed.py --db {}"
 
 
-# Settings ---------------------------------------------------------------------------
+# Settings -----------------------------------------------------------------------------
 
 
-def test_settings_come_from_the_environment():
-    env = {"ADS_DB": "a.db", "HOST": "0.0.0.0", "PORT": "9000", "LOG_LEVEL": "DEBUG",
-           "HEARTBEAT_INTERVAL_SECONDS": "60", "QUERY_TIMEOUT_SECONDS": "2.5"}  # fmt: skip
+def test_settings_come_from_the_environment_with_defaults():
+    env = {"ADS_DB": "a.db", "PORT": "9000", "QUERY_TIMEOUT_SECONDS": "2.5"}
     assert main.Settings.from_env(env).model_dump() == {
-        "db_path": "a.db", "host": "0.0.0.0", "port": 9000, "log_level": "DEBUG",
-        "heartbeat_interval": 60, "query_timeout": 2.5}  # fmt: skip
-    assert main.Settings.from_env({}).model_dump() == {
-        "db_path": "ads.db", "host": "127.0.0.1", "port": 8000, "log_level": "INFO",
-        "heartbeat_interval": 21600, "query_timeout": 10}  # fmt: skip
+        "db_path": "a.db", "host": "127.0.0.1", "port": 9000, "log_level": "INFO",
+        "heartbeat_interval": 21600, "query_timeout": 2.5}  # fmt: skip
 
 
 @pytest.mark.parametrize(
     "name, value, message",
-    [("PORT", "abc", "unable to parse string as an integer"),
-     ("PORT", "70000", "less than or equal to 65535"),
+    [("PORT", "70000", "less than or equal to 65535"),
      ("HEARTBEAT_INTERVAL_SECONDS", "0", "greater than or equal to 1"),
      ("QUERY_TIMEOUT_SECONDS", "nan", "less than or equal to 3600"),
      ("LOG_LEVEL", "loud", "'DEBUG', 'INFO', 'WARNING' or 'ERROR'")],
@@ -68,47 +64,44 @@ def test_settings_come_from_the_environment():
 def test_a_bad_setting_stops_start_up_with_one_line_naming_it(name, value, message):
     with pytest.raises(SystemExit) as stop:
         main.Settings.from_env({name: value})
-    assert str(stop.value).startswith(f"{name}={value!r}: ") and message in str(stop.value)  # fmt: skip
+    assert str(stop.value).startswith(f"{name}={value!r}: ")
+    assert message in str(stop.value)
 
 
-def test_uvicorn_with_a_bad_setting_stops_with_that_one_line(db_path):
+def test_uvicorn_with_a_bad_setting_prints_that_line_alone(db_path):
     env = os.environ | {"ADS_DB": str(db_path), "PORT": "http"}
     command = [sys.executable, "-m", "uvicorn", "main:app", "--port", "0"]
-    done = subprocess.run(command, cwd=HERE, env=env, capture_output=True, text=True)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
+    done = subprocess.run(
+        command, cwd=HERE, env=env, capture_output=True, text=True, check=False
+    )
     line = "PORT='http': Input should be a valid integer, unable to parse string as an integer"  # fmt: skip
-    assert done.stderr.strip().splitlines() == [line]
+    assert (done.returncode, done.stderr.strip().splitlines()) == (1, [line])
 
 
-# GET /metrics: every answer is the reference's --------------------------------------
+# GET /metrics: every answer is the reference's ----------------------------------------
 
 QUERIES = {
     "default: a row per fact row": {},
     "a date range": {"start_date": "2025-02-01", "end_date": "2025-02-03"},
     "only a start date": {"start_date": "2025-02-10"},
-    "a filter, in any case": {"region": ["alpha", "MIKE"]},
-    "filters combine": {"region": ["Alpha", "Zulu"], "platform": "instagram"},
-    "every filter at once": {"region": "Zulu", "age_group": "18-24", "gender": "FEMALE",
-                             "platform": "Facebook", "placement": ["Feed", "Reels"],
-                             "device_type": "Mobile"},
+    "filters, in any case": {"region": ["alpha", "ZULU"], "platform": "instagram"},
+    "every filter": {"region": "Zulu", "age_group": "18-24", "gender": "FEMALE",
+                     "platform": "Facebook", "placement": ["Feed", "Reels"],
+                     "device_type": "Mobile"},
     "a name with a comma and quotes": {"placement": 'native, banner & "interstitial"'},
     "by date, newest first": {"group_by": "date", "sort": "-date"},
     "by month and region": {"group_by": ["month", "region"]},
-    "a period after a dimension": {"group_by": ["region", "week"]},
+    "by region and week": {"group_by": ["region", "week"], "start_date": "2025-02-01"},
     "top platforms by cost": {"group_by": "platform", "sort": "-cost"},
-    "ctr ascending, null last": {"group_by": ["date", "region"], "sort": "ctr"},
+    "ctr, null last": {"group_by": ["date", "region"], "sort": "ctr"},
     "ctr descending, null last": {"group_by": ["date", "region"], "sort": "-ctr"},
     "a dimension descending": {"group_by": ["device_type", "age_group"], "sort": "-age_group"},
     "two sort keys and a page": {"group_by": ["region", "gender", "placement"],
                                  "sort": ["-cpa", "likes"], "limit": "5", "offset": "2"},
-    "the grain in another order": {"group_by": ["placement", "platform", "device_type",
-                                                "gender", "age_group", "region", "date"]},
-    "weeks, filtered, by cpm": {"group_by": ["week", "platform"], "sort": "-cpm",
-                                "start_date": "2025-02-01", "placement": ["Feed", "Reels"]},
-    "cpc and conversion rate": {"group_by": ["age_group", "gender"],
-                                "sort": ["cpc", "-conversion_rate"]},
+    "the grain in another order": {"group_by": [*reversed(["date", "region", "age_group",
+                                   "gender", "platform", "placement", "device_type"])]},
+    "the default, by cpm": {"sort": ["-cpm", "conversion_rate"], "limit": "1000"},
     "a name with no rows": {"region": "Quebec"},
-    "the largest page": {"limit": "1000"},
     "an offset past the end": {"group_by": "platform", "offset": "50"},
     "the largest offset": {"offset": str(2**63 - 1)},
 }  # fmt: skip
@@ -120,15 +113,15 @@ def test_metrics_match_the_reference(fixture_db, params):
         check_page(client.get("/metrics", params=params), params)
 
 
-VARIANTS = ["date ids in date order", "extra columns named like ours", "counts stored as reals", "no unique key"]  # fmt: skip
-SOME_QUERIES = [{}, {"limit": "30", "offset": "400", "sort": "-cost"}, {"group_by": "week"},
-                {"group_by": ["month", "region"]}, {"group_by": "date", "sort": "-date"}]  # fmt: skip
+VARIANTS = ["date ids in date order", "extra columns named like ours",
+            "counts stored as reals", "no unique key"]  # fmt: skip
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_any_file_with_the_schema_gives_the_same_answers(tmp_path, variant):
     with serve(build_db(tmp_path / "ads.db", variant)) as client:
-        for params in SOME_QUERIES:
+        for params in [{}, {"group_by": "week"}, {"group_by": ["month", "region"]},
+                       {"group_by": "date", "sort": "-date"}, {"offset": "400"}]:  # fmt: skip
             check_page(client.get("/metrics", params=params), params)
 
 
@@ -144,55 +137,54 @@ def test_any_valid_query_matches_the_reference(fixture_db):
 
 
 def test_following_next_walks_the_whole_answer_once(fixture_db):
-    for params in [{"limit": "97"}, {"group_by": ["week", "device_type"], "sort": "-cost", "limit": "4"}]:  # fmt: skip
-        with serve(fixture_db) as client:
-            pages = [client.get("/metrics", params=params).json()]
-            while pages[-1]["paging"]["next"]:
-                assert pages[-1]["paging"]["next"].startswith("/metrics?")
-                pages.append(client.get(pages[-1]["paging"]["next"]).json())
-        assert_rows_equal([row for page in pages for row in page["data"]], reference(params)[0])  # fmt: skip
+    params = {"group_by": ["week", "device_type"], "sort": "-cost", "limit": "4"}
+    with serve(fixture_db) as client:
+        pages = [client.get("/metrics", params=params).json()]
+        while pages[-1]["paging"]["next"]:
+            assert pages[-1]["paging"]["next"].startswith("/metrics?")
+            pages.append(client.get(pages[-1]["paging"]["next"]).json())
+    assert_rows_equal([row for page in pages for row in page["data"]], reference(params)[0])  # fmt: skip
 
 
 def test_no_rows_give_zero_totals_and_null_ratios(fixture_db):
+    zeros = {"impressions": 0, "clicks": 0, "cost": 0.0, "conversions": 0, "likes": 0,
+             "ctr": None, "cpc": None, "cpm": None, "cpa": None, "conversion_rate": None}  # fmt: skip
     with serve(fixture_db) as client:
-        response = client.get("/metrics?region=quebec")
-        zeros = {"impressions": 0, "clicks": 0, "cost": 0.0, "conversions": 0, "likes": 0,
-                 "ctr": None, "cpc": None, "cpm": None, "cpa": None, "conversion_rate": None}  # fmt: skip
-        paging = {"limit": 100, "offset": 0, "total_rows": 0, "next": None}
-        assert response.json() == {"data": [], "totals": zeros, "paging": paging}
-        params = {"group_by": "region", "start_date": "2025-02-03", "end_date": "2025-02-03", "region": "Mike"}  # fmt: skip
-        [row] = client.get("/metrics", params=params).json()["data"]
-    assert row == {"region": "Mike", **zeros}  # a group that counted nothing
+        empty = client.get("/metrics?region=quebec").json()
+        day = "start_date=2025-02-03&end_date=2025-02-03"  # its Mike rows count nothing
+        [row] = client.get(f"/metrics?group_by=region&region=Mike&{day}").json()["data"]
+    paging = {"limit": 100, "offset": 0, "total_rows": 0, "next": None}
+    assert empty == {"data": [], "totals": zeros, "paging": paging}
+    assert row == {"region": "Mike", **zeros}
 
 
 def test_a_fact_row_whose_id_is_in_no_table_is_kept_with_a_null_name(fixture_db):
     with serve(fixture_db) as client:
         regions = client.get("/metrics?group_by=region").json()["data"]
         days = client.get("/metrics?group_by=date").json()["data"]
-        ranged = client.get("/metrics?start_date=2000-01-01&end_date=2099-12-31").json()
+        ranged = client.get("/metrics?start_date=2000-01-01").json()["totals"]
     assert [row["region"] for row in regions] == ["Alpha", "Mike", "Zulu", None]
-    assert regions[-1]["impressions"] == sum(f["impressions"] for f in FACTS if f["region"] == ORPHAN)  # fmt: skip
+    orphans = [f["impressions"] for f in FACTS if f["region"] == ORPHAN]
+    assert regions[-1]["impressions"] == sum(orphans) > 0
     assert days[-1]["date"] is None  # null last, and in no date range:
-    assert ranged["totals"]["impressions"] == sum(f["impressions"] for f in FACTS if f["day"])  # fmt: skip
+    assert ranged["impressions"] == sum(f["impressions"] for f in FACTS if f["day"])
 
 
-def test_a_name_stands_for_its_ids_in_any_case_and_nulls_and_numbers_are_handled(db_path):
+def test_a_name_stands_for_its_ids_and_a_number_or_null_is_read_plainly(db_path):
     with sqlite3.connect(db_path) as db:
         db.execute("UPDATE dim_region SET region_name = 'mike' WHERE region_id = 2")
         db.execute("UPDATE dim_region SET region_name = NULL WHERE region_id = 5")
         db.execute("UPDATE dim_age_group SET age_range = 18 WHERE age_id = 4")
-        db.execute("UPDATE fact_ad_metrics_daily SET impressions = NULL, cost = NULL WHERE age_id = 4")  # fmt: skip
+        db.execute("UPDATE fact_ad_metrics_daily SET cost = NULL WHERE age_id = 4")
     with serve(db_path) as client:
         dimensions = client.get("/dimensions").json()
         mikes = client.get("/metrics?region=MIKE&group_by=region").json()
-        ages = client.get("/metrics?age_group=18&group_by=age_group").json()
-    assert dimensions["region"] == ["mike", "Mike", "Quebec"]
-    assert dimensions["age_group"] == ["35-44", "18"]
+        [age] = client.get("/metrics?age_group=18&group_by=age_group").json()["data"]
+    assert (dimensions["region"], dimensions["age_group"]) == (["mike", "Mike", "Quebec"], ["35-44", "18"])  # fmt: skip
     assert [row["region"] for row in mikes["data"]] == ["Mike", "mike"]
-    both = [f for f in FACTS if f["region"] in (2, 7) and f["age_group"] != 4]  # no nulls
-    assert mikes["totals"]["impressions"] == sum(f["impressions"] for f in both)
-    assert ages["data"][0]["age_group"] == "18"
-    assert (ages["totals"]["impressions"], ages["totals"]["cost"], ages["totals"]["cpm"]) == (0, 0.0, None)  # fmt: skip
+    both = sum(f["impressions"] for f in FACTS if f["region"] in (2, 7))
+    assert mikes["totals"]["impressions"] == both
+    assert (age["age_group"], age["cost"], age["cpc"]) == ("18", 0.0, 0.0)
 
 
 # GET /metrics: every client error is FastAPI's standard 422 ---------------------------
@@ -202,25 +194,23 @@ BAD = {  # name -> (query string, parameter in loc, text the message holds)
     "a timestamp as a date": ("end_date=1740960000", "end_date", "YYYY-MM-DD"),
     "a datetime as a date": ("start_date=2025-03-01T00:00:00", "start_date", "YYYY-MM-DD"),
     "a date without dashes": ("start_date=20250301", "start_date", "YYYY-MM-DD"),
-    "an empty date": ("end_date=", "end_date", "YYYY-MM-DD"),
     "an impossible date": ("start_date=2025-02-30", "start_date", "day value is outside"),
     "the end before the start": ("start_date=2025-02-02&end_date=2025-02-01", "end_date",
                                  "end_date 2025-02-01 is before start_date 2025-02-02"),
     "an unknown name": ("region=Mars", "region", "'Mars' is not one of: Zulu, Alpha, Mike, Quebec"),
-    "sql in a name": ("device_type=x' OR '1'='1", "device_type", "is not one of: Tablet, Mobile"),
+    "sql as a name": ("device_type=x' OR '1'='1", "device_type", "is not one of: Tablet, Mobile"),
     "part of a name": ("placement=Native", "placement", "'Native' is not one of"),
     "an empty name": ("platform=", "platform", "'' is not one of: Instagram, Facebook"),
     "an unknown group_by": ("group_by=country", "group_by", "Input should be 'date', 'week'"),
-    "a group_by in another case": ("group_by=Region", "group_by", "Input should be"),
-    "two periods": ("group_by=week&group_by=month", "group_by", "one of date, week and month"),
+    "two periods": ("group_by=week&group_by=month", "group_by", "at most one period"),
     "a field twice": ("group_by=region&group_by=region", "group_by", "each field once"),
-    "a sort not in the answer": ("group_by=platform&sort=region", "sort", "'region' is not one of platform, impressions"),
+    "a sort not in the answer": ("group_by=platform&sort=region", "sort",
+                                 "'region' is not one of platform, impressions"),
     "an unknown sort": ("sort=-profit", "sort", "'-profit' is not one of"),
     "limit 0": ("limit=0", "limit", "greater than or equal to 1"),
     "limit 1001": ("limit=1001", "limit", "less than or equal to 1000"),
-    "limit 1.5": ("limit=1.5", "limit", "valid integer"),
     "offset -1": ("offset=-1", "offset", "greater than or equal to 0"),
-    "offset past SQLite's integers": (f"offset={2**63}", "offset", "less than or equal to"),
+    "an offset past SQLite's": (f"offset={2**63}", "offset", "less than or equal to"),
     "an unknown parameter": ("country=FR", "country", "Extra inputs are not permitted"),
 }  # fmt: skip
 
@@ -231,16 +221,17 @@ def test_bad_input_is_a_422_naming_the_parameter(fixture_db, query, param, text)
         response = client.get(f"/metrics?{query}")
     assert response.status_code == 422
     [error] = response.json()["detail"]
-    assert {"type", "loc", "msg", "input"} <= set(error) and error["loc"][:2] == ["query", param]  # fmt: skip
-    assert text in error["msg"]
+    assert {"type", "loc", "msg", "input"} <= set(error)
+    assert error["loc"][:2] == ["query", param] and text in error["msg"]
 
 
-def test_an_unknown_name_is_a_whole_standard_422(fixture_db):
+def test_an_unknown_name_is_a_standard_422_listing_the_known_ones(fixture_db):
     with serve(fixture_db) as client:
         response = client.get("/metrics?region=alpha&region=Atlantis")
     message = "region 'Atlantis' is not one of: Zulu, Alpha, Mike, Quebec"
-    error = {"type": "value_error", "loc": ["query", "region"], "msg": message, "input": ["alpha", "Atlantis"]}  # fmt: skip
-    assert (response.status_code, response.json()) == (422, {"detail": [error]})
+    error = {"type": "value_error", "loc": ["query", "region"], "msg": message}
+    detail = [{**error, "input": ["alpha", "Atlantis"]}]
+    assert (response.status_code, response.json()) == (422, {"detail": detail})
 
 
 def test_no_request_crashes_the_service(fixture_db):
@@ -254,11 +245,13 @@ def test_no_request_crashes_the_service(fixture_db):
             odd=st.lists(ODD, max_size=2),
         )
         def check(method, path, valid, odd):
-            pairs = [(k, v) for k, vs in valid.items() for v in ([vs] if isinstance(vs, str) else vs)]  # fmt: skip
-            query = "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs + odd)  # fmt: skip
+            pairs = [(k, v) for k, vs in valid.items() for v in as_list(vs)] + odd
+            query = "&".join(
+                f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in pairs
+            )
             response = client.request(method, f"{path}?{query}")
-            known = path in ("/metrics", "/dimensions", "/health")
-            assert response.status_code in ((200, 422) if known and method == "GET" else (404, 405))  # fmt: skip
+            known = path != "/x" and method == "GET"
+            assert response.status_code in ((200, 422) if known else (404, 405))
             if response.status_code == 200 and path == "/metrics":
                 page = main.MetricsPage.model_validate(response.json())
                 assert len(page.data) <= page.paging.limit
@@ -266,47 +259,53 @@ def test_no_request_crashes_the_service(fixture_db):
         check()
 
 
-# GET /dimensions and GET /health -----------------------------------------------------
+# GET /dimensions, GET /health and the OpenAPI document --------------------------------
 
 
-def test_dimensions_list_names_in_id_order_and_the_date_range(fixture_db):
+def test_dimensions_list_the_names_in_id_order_and_the_first_and_last_date(fixture_db):
     with serve(fixture_db) as client:
-        assert client.get("/dimensions").json() == {
-            "date": {"first": DAYS[0], "last": DAYS[-1]},
-            **{dim: [names[i] for i in sorted(names)] for dim, (*_, names) in DIMS.items()},
-        }  # fmt: skip
+        dimensions = client.get("/dimensions").json()
+    names = {
+        dim: [names[i] for i in sorted(names)] for dim, (*_, names) in DIMS.items()
+    }
+    assert dimensions == {"date": {"first": DAYS[0], "last": DAYS[-1]}, **names}
 
 
 def test_openapi_documents_every_parameter_and_answer(fixture_db):
     with serve(fixture_db) as client:
-        spec = client.get("/openapi.json").json()
-    parameters = spec["paths"]["/metrics"]["get"]["parameters"]
+        paths = client.get("/openapi.json").json()["paths"]
+    parameters = paths["/metrics"]["get"]["parameters"]
     assert len(parameters) == len(main.MetricsQuery.model_fields)
     assert all(parameter["description"] for parameter in parameters)
-    for path, model in [("/metrics", "MetricsPage"), ("/dimensions", "Dimensions"), ("/health", "Health")]:  # fmt: skip
-        responses = spec["paths"][path]["get"]["responses"]
+    for path, model in [("/metrics", "MetricsPage"), ("/dimensions", "Dimensions"),
+                        ("/health", "Health")]:  # fmt: skip
+        responses = paths[path]["get"]["responses"]
         assert {"200", "503"} <= set(responses)
-        assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith(model)  # fmt: skip
+        schema = responses["200"]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": f"#/components/schemas/{model}"}
 
 
-# The heartbeat -----------------------------------------------------------------------
+# The heartbeat ------------------------------------------------------------------------
 
 
-def test_the_heartbeat_runs_at_start_up_then_on_a_utc_grid(fixture_db, caplog):
-    with caplog.at_level(logging.INFO, logger="ad_metrics"), serve(fixture_db) as client:
-        first = wait_until(lambda: client.get("/health").json()["scheduler"]["last_run"])  # fmt: skip
+def test_the_heartbeat_runs_at_start_up_and_health_shows_the_next_run_on_the_grid(
+    fixture_db, caplog
+):
+    with caplog.at_level(logging.INFO, logger="ad_metrics"), serve(fixture_db) as client:  # fmt: skip
+        last_run = wait_until(lambda: client.get("/health").json()["scheduler"]["last_run"])  # fmt: skip
         health = client.get("/health").json()
     [line] = [r for r in caplog.records if r.name == "ad_metrics"]
-    ran_at = datetime.fromisoformat(line.getMessage().removeprefix("heartbeat: the job ran at "))  # fmt: skip
-    assert ran_at.utcoffset() == timedelta(0) and abs(ran_at.timestamp() - line.created) < 1
-    assert abs(datetime.fromisoformat(first).timestamp() - line.created) < 1
+    ran_at = datetime.fromisoformat(line.getMessage().split(" ran at ")[1])
+    assert ran_at.tzinfo == UTC and abs(ran_at.timestamp() - line.created) < 1
+    assert abs(datetime.fromisoformat(last_run).timestamp() - line.created) < 1
     next_run = datetime.fromisoformat(health["scheduler"]["next_run_at"])
-    assert next_run.hour % 6 == next_run.minute == next_run.second == 0 and next_run.tzinfo
+    assert next_run.hour % 6 == next_run.minute == next_run.second == 0
     assert timedelta(0) < next_run - ran_at <= timedelta(hours=6)
-    assert health == {"status": "ok", "scheduler": {"running": True, "next_run_at": health["scheduler"]["next_run_at"], "last_run": first}}  # fmt: skip
+    scheduler = {"running": True, "next_run_at": health["scheduler"]["next_run_at"]}
+    assert health == {"status": "ok", "scheduler": {**scheduler, "last_run": last_run}}
 
 
-def test_each_run_logs_its_time_and_a_failing_run_is_logged_and_the_next_runs(fixture_db, caplog):  # fmt: skip
+def test_a_failing_run_is_logged_and_the_next_ones_run(fixture_db, caplog):
     real, calls = datetime, []
 
     class FailingOnce(datetime):
@@ -317,91 +316,93 @@ def test_each_run_logs_its_time_and_a_failing_run_is_logged_and_the_next_runs(fi
                 raise RuntimeError("the clock failed")
             return real.now(tz)
 
-    runs = lambda: [r for r in caplog.records if r.name == "ad_metrics"]  # noqa: E731
-    with caplog.at_level(logging.INFO), patch.object(main, "datetime", FailingOnce):
-        with serve(fixture_db, HEARTBEAT_INTERVAL_SECONDS="1") as client:
-            wait_until(lambda: len(runs()) >= 2)
-            next_run = client.get("/health").json()["scheduler"]["next_run_at"]
+    def runs():
+        return [r for r in caplog.records if r.name == "ad_metrics"]
+
+    clock = patch.object(main, "datetime", FailingOnce)
+    with caplog.at_level(logging.INFO), clock, serve(fixture_db, HEARTBEAT_INTERVAL_SECONDS="1") as client:  # fmt: skip
+        wait_until(lambda: len(runs()) >= 2)
+        next_run = client.get("/health").json()["scheduler"]["next_run_at"]
     [failure] = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert "the clock failed" in caplog.text and failure.exc_info
-    stamps = [datetime.fromisoformat(r.getMessage().split(" at ")[1]) for r in runs()]
     assert all(r.levelno == logging.INFO for r in runs()) and calls[:3] == [UTC] * 3
-    assert stamps == sorted(stamps) and datetime.fromisoformat(next_run).microsecond == 0
+    assert datetime.fromisoformat(next_run).microsecond == 0  # on the grid
 
 
-# The data file: only read, and followed as it is replaced or removed ------------------
+# The data file: only read, and followed when it is replaced or removed ----------------
 
 
 def test_a_file_missing_at_start_up_stops_it_saying_how_to_create_it(tmp_path):
     path = tmp_path / "ads.db"
     with pytest.raises(RuntimeError) as stopped, serve(path):
         pass
-    assert str(stopped.value) == f"database {path} is missing; create it with: python seed.py --db {path}"  # fmt: skip
-    assert not path.exists()
+    assert (str(stopped.value), path.exists()) == (MISSING.format(path, path), False)
 
 
-def test_a_removed_file_is_a_503_never_created_and_served_once_back(db_path, tmp_path):
+def test_a_removed_or_unreadable_file_is_a_503_and_served_once_back(db_path, tmp_path):
     shutil.copy(db_path, tmp_path / "spare.db")
     with serve(db_path) as client:
         db_path.unlink()
-        missing = {"detail": f"database {db_path} is missing; create it with: python seed.py --db {db_path}"}  # fmt: skip
         for url in ("/metrics", "/dimensions", "/health"):
-            assert (client.get(url).status_code, client.get(url).json()) == (503, missing)
+            answer = client.get(url)
+            assert (answer.status_code, answer.json()) == (503, {"detail": MISSING.format(db_path, db_path)})  # fmt: skip
         assert not db_path.exists()
         db_path.write_bytes(b"not a database" * 1000)
-        unreadable = client.get("/health")
-        assert unreadable.status_code == 503
-        assert unreadable.json()["detail"] == f"database {db_path} cannot be read: file is not a database"  # fmt: skip
+        unreadable = client.get("/metrics")
         shutil.copy(tmp_path / "spare.db", db_path)
         check_page(client.get("/metrics?group_by=week"), {"group_by": "week"})
+    message = f"database {db_path} cannot be read: file is not a database"
+    assert (unreadable.status_code, unreadable.json()) == (503, {"detail": message})
 
 
-def test_seed_force_over_the_served_file_is_served_by_the_next_request(tmp_path):
+def test_seed_force_over_the_served_file_is_read_by_the_next_request(tmp_path):
     path = tmp_path / "ads.db"
     seed.seed(path, days=5, density=0.05)
     with serve(path) as client:
         assert client.get("/dimensions").json()["date"]["last"] == "2025-01-05"
-        assert seed.main(["--db", str(path), "--days", "9", "--density", "0.05", "--force"]) == 0  # fmt: skip
+        args = ["--db", str(path), "--days", "9", "--density", "0.05", "--force"]
+        assert seed.main(args) == 0
         assert client.get("/dimensions").json()["date"]["last"] == "2025-01-09"
         assert client.get("/metrics?group_by=date").json()["paging"]["total_rows"] == 9
     assert os.listdir(tmp_path) == ["ads.db"]
 
 
-def test_a_file_replaced_under_load_is_followed_with_no_500(tmp_path):
-    path, copies = tmp_path / "ads.db", [build_db(tmp_path / f"{v}.db", v) for v in VARIANTS[:2]]  # fmt: skip
+def test_a_file_replaced_under_load_is_followed_with_no_error(tmp_path):
+    path = tmp_path / "ads.db"
+    copies = [build_db(tmp_path / f"{v}.db", v) for v in VARIANTS[:2]]  # the same rows
     shutil.copy(copies[0], path)
-    totals = [reference({"group_by": "month"})[1]] * 2  # both files hold the same rows
 
     async def load() -> list:
-        transport = httpx.ASGITransport(app=main.app)
         answers, done = [], asyncio.Event()
-        async with main.lifespan(main.app), httpx.AsyncClient(transport=transport, base_url="http://x") as http:  # fmt: skip
+        transport = httpx.ASGITransport(app=main.app)
+        http = httpx.AsyncClient(transport=transport, base_url="http://test")
 
-            async def ask():
-                while not done.is_set():
-                    answers.append(await http.get("/metrics?group_by=month"))
+        async def ask():
+            while not done.is_set():
+                answers.append(await http.get("/metrics?group_by=month"))
 
+        async with main.lifespan(main.app), http:
             clients = [asyncio.create_task(ask()) for _ in range(8)]
-            for i in range(10):  # a new file, renamed over the served one
-                await asyncio.to_thread(shutil.copy, copies[i % 2], tmp_path / "next.db")
-                os.replace(tmp_path / "next.db", path)
+            for i in range(10):  # a new file renamed over the served one, ten times
+                await asyncio.to_thread(shutil.copy, copies[i % 2], tmp_path / "new.db")
+                os.replace(tmp_path / "new.db", path)
                 await asyncio.sleep(0.05)
             done.set()
             await asyncio.gather(*clients)
         return answers
 
-    with patch.object(main, "settings", settings_for(path)):
+    with patch.object(main, "settings", main.Settings.from_env({"ADS_DB": str(path)})):
         answers = asyncio.run(load())
-    assert len(answers) > 20 and {a.status_code for a in answers} == {200}
+    assert len(answers) > 20 and {answer.status_code for answer in answers} == {200}
     for answer in answers:
-        assert_rows_equal([answer.json()["totals"]], totals[:1])
+        assert_rows_equal([answer.json()["totals"]], [reference({})[1]])
 
 
 def test_a_query_past_the_time_limit_is_stopped_and_the_next_is_answered(tmp_path):
     path = build_db(tmp_path / "ads.db")  # its fact table made endless:
+    columns = ", ".join(f"1 AS {column}" for column in FACT_COLUMNS)
     with sqlite3.connect(path) as db:
-        db.execute("ALTER TABLE fact_ad_metrics_daily RENAME TO facts")
-        columns = ", ".join(f"1 AS {c}" for c in ["date_id", *(d[1] for d in DIMS.values()), *COUNTS])
+        db.execute("DROP TABLE fact_ad_metrics_daily")
         db.execute(f"CREATE VIEW fact_ad_metrics_daily AS WITH RECURSIVE n(i) AS "
                    f"(SELECT 1 UNION ALL SELECT i + 1 FROM n) SELECT {columns} FROM n")  # fmt: skip
     threads = threading.active_count()
@@ -412,29 +413,32 @@ def test_a_query_past_the_time_limit_is_stopped_and_the_next_is_answered(tmp_pat
         assert client.get("/dimensions").status_code == 200  # the next is answered
         wait_until(lambda: threading.active_count() <= threads + 1)  # its thread ended
     advice = "narrow the dates, add filters or group by fewer fields"
-    assert stopped.status_code == 503
-    assert stopped.json() == {"detail": f"the query took over 0.3 s and was stopped; {advice}"}  # fmt: skip
+    message = f"the query took over 0.3 s and was stopped; {advice}"
+    assert (stopped.status_code, stopped.json()) == (503, {"detail": message})
 
 
 # Start-up, and python main.py ---------------------------------------------------------
 
 
-def test_three_workers_start_on_wal_and_rollback_journal_files_and_never_write_them(tmp_path):  # fmt: skip
+def test_three_workers_start_on_wal_and_rollback_journal_files_and_never_write(
+    tmp_path,
+):
     servers, paths, hashes = [], [], []
     for mode in ("wal", "delete"):
         paths.append(build_db(tmp_path / f"{mode}.db"))
-        set_journal_mode(paths[-1], mode)
+        with sqlite3.connect(paths[-1]) as db:
+            db.execute(f"PRAGMA journal_mode = {mode}")
         hashes.append(sha256(paths[-1]))
         log = tmp_path / f"{mode}.log"
-        servers.append(start_server(paths[-1], log, "--workers", "3", HEARTBEAT_INTERVAL_SECONDS="1"))  # fmt: skip
-    heartbeats = lambda log: log.read_text().count("heartbeat: the job ran")  # noqa: E731
+        args = ("--workers", "3")
+        servers.append(start(paths[-1], log, *args, HEARTBEAT_INTERVAL_SECONDS="1"))
     try:
-        for process, url, log in servers:
+        for _, url, log in servers:
             wait_until(lambda log=log: log.read_text().count("startup complete") == 3, 60)  # fmt: skip
             for params in list(QUERIES.values())[:8]:
                 assert httpx.get(f"{url}/metrics", params=params).status_code == 200
-        for process, url, log in servers:  # each worker runs each slot: 3 lines a slot
-            wait_until(lambda log=log: heartbeats(log) >= 9, 30)
+        for _, url, log in servers:  # each worker runs each slot: three lines a slot
+            wait_until(lambda log=log: log.read_text().count(" the job ran at ") >= 9)
     finally:
         assert [stop(process) for process, _, _ in servers] == [0, 0]
     assert [sha256(path) for path in paths] == hashes
@@ -443,7 +447,7 @@ def test_three_workers_start_on_wal_and_rollback_journal_files_and_never_write_t
 
 def test_python_main_py_seeds_the_file_serves_and_stops_on_sigterm(tmp_path):
     path, log = tmp_path / "new.db", tmp_path / "server.log"
-    process, url, _ = start_server(path, log, command=[sys.executable, "main.py"])
+    process, url, _ = start(path, log, command=[sys.executable, "main.py"])
     try:
         health = wait_until(lambda: probe(f"{url}/health"), 60)
         assert health.json()["status"] == "ok"
@@ -455,44 +459,53 @@ def test_python_main_py_seeds_the_file_serves_and_stops_on_sigterm(tmp_path):
     assert "Application shutdown complete" in log.read_text()
 
 
-# The reference: the contract, read again, over the fixture's rows --------------------
+# The reference: the contract, read again, over the fixture's rows ---------------------
 
 ORPHAN = 99  # an id in no dimension table
-DIMS = {
-    "region": ("dim_region", "region_id", "region_name", {7: "Mike", 2: "Zulu", 5: "Alpha", 9: "Quebec"}),
+DIMS = {  # as main.DIMENSIONS, with the names by id
+    "region": ("dim_region", "region_id", "region_name",
+               {7: "Mike", 2: "Zulu", 5: "Alpha", 9: "Quebec"}),
     "age_group": ("dim_age_group", "age_id", "age_range", {4: "18-24", 1: "35-44"}),
     "gender": ("dim_gender", "gender_id", "gender_name", {2: "female", 1: "Male"}),
-    "platform": ("dim_platform", "platform_id", "platform_name", {9: "Facebook", 3: "Instagram"}),
+    "platform": ("dim_platform", "platform_id", "platform_name",
+                 {9: "Facebook", 3: "Instagram"}),
     "placement": ("dim_placement", "placement_id", "placement_name",
                   {1: "Stories", 2: "Feed", 6: "Reels", 4: 'Native, Banner & "Interstitial"'}),
-    "device_type": ("dim_device_type", "device_type_id", "device_type_name", {8: "Mobile", 6: "Tablet"}),
+    "device_type": ("dim_device_type", "device_type_id", "device_type_name",
+                    {8: "Mobile", 6: "Tablet"}),
 }  # fmt: skip
 DAYS = [(date(2025, 1, 27) + timedelta(days=i)).isoformat() for i in range(20)]
 SHUFFLED_IDS = dict(zip(DAYS, random.Random(1).sample(range(100, 200), len(DAYS))))
-IN_ORDER_IDS = dict(zip(DAYS, range(1, 21)))
 GRAIN = ["date", *DIMS]
 COUNTS = ["impressions", "clicks", "cost", "conversions", "likes"]
-FIELD_ORDER = ["date", "week", "month", *DIMS]  # a row's keys: these, then the metrics
+FACT_COLUMNS = [
+    "date_id",
+    *(id_column for _, id_column, _, _ in DIMS.values()),
+    *COUNTS,
+]
 
 
 def make_facts() -> list[dict]:
-    """The fixture's rows: ids, a day, counts (cost in whole cents, some negative); some
-    rows carry an id that is in no dimension table, or a date id not in dim_date."""
+    """The fixture's rows: ids, a day, counts (cost in cents, a few refunds); a few rows
+    have an id in no dimension table, or a date id not in dim_date."""
     rng = random.Random(42)
-    ids = [[i for i, name in names.items() if name != "Quebec"] for *_, names in DIMS.values()]  # fmt: skip
+    ids = [[i for i in names if names[i] != "Quebec"] for *_, names in DIMS.values()]
     facts = [dict(zip(DIMS, combo), day=day, date_id=SHUFFLED_IDS[day])
              for day, combo in product(DAYS, product(*ids)) if rng.random() <= 0.3]  # fmt: skip
     for i, orphan in enumerate([*DIMS, "day"] * 3):
-        unknown = {orphan: ORPHAN} if orphan in DIMS else {"day": None, "date_id": 999 + i % 2}  # fmt: skip
+        unknown = {"day": None, "date_id": 999 + i % 2} if orphan == "day" else {orphan: ORPHAN}  # fmt: skip
         facts.append(facts[i * 37] | unknown)
     for row in facts:
         imps = rng.choice([0, rng.randint(1, 40), rng.randint(100, 20000)])
         if row["day"] == "2025-02-03" and row["region"] == 7:  # a group of zeros
             imps = 0
         clicks = rng.randint(0, imps // 15) if imps else 0
-        row |= {"impressions": imps, "clicks": clicks, "likes": rng.randint(0, imps // 50),
+        cost = (
+            rng.randint(1, 2 * imps) * (-1 if rng.random() < 0.03 else 1) if imps else 0
+        )
+        row |= {"impressions": imps, "clicks": clicks, "cost": cost,
                 "conversions": rng.randint(0, clicks // 4) if clicks else 0,
-                "cost": rng.randint(1, 2 * imps) * (-1 if rng.random() < 0.03 else 1) if imps else 0}  # fmt: skip
+                "likes": rng.randint(0, imps // 50)}  # fmt: skip
     return facts
 
 
@@ -500,35 +513,34 @@ FACTS = make_facts()
 
 
 def build_db(path: Path, variant: str = "plain") -> Path:
-    """Write the fixture as someone else's file might hold it, in one of the variants
-    that a file with the schema may take."""
+    """Write the fixture as someone else's file might hold it, in a variant that a file
+    with the schema may take."""
     db = sqlite3.connect(path)
-    date_ids = IN_ORDER_IDS if variant == "date ids in date order" else SHUFFLED_IDS
+    date_ids = (
+        dict(zip(DAYS, range(1, 21))) if "date order" in variant else SHUFFLED_IDS
+    )
     key = "" if variant == "no unique key" else " PRIMARY KEY"
     count = "REAL" if variant == "counts stored as reals" else "INTEGER"
     odd = variant == "extra columns named like ours"  # a fiscal calendar, say
     extra = ", month TEXT DEFAULT 'P01', week INTEGER, cost REAL" if odd else ""
     db.execute(f"CREATE TABLE dim_date (date_id INTEGER{key}, date_value TEXT{extra})")
-    db.executemany("INSERT INTO dim_date (date_id, date_value) VALUES (?, ?)", [(i, d) for d, i in date_ids.items()])  # fmt: skip
+    dates = [(i, day) for day, i in date_ids.items()]
+    db.executemany("INSERT INTO dim_date (date_id, date_value) VALUES (?, ?)", dates)
     extra = ", cost REAL DEFAULT 5, impressions INTEGER, date_id" if odd else ""
     for table, id_column, name_column, names in DIMS.values():
         db.execute(f"CREATE TABLE {table} ({id_column} INTEGER{key}, {name_column} TEXT{extra})")  # fmt: skip
-        db.executemany(f"INSERT INTO {table} ({id_column}, {name_column}) VALUES (?, ?)", names.items())  # fmt: skip
-    ids = ", ".join(d[1] for d in DIMS.values())
-    unique = "" if variant == "no unique key" else f", PRIMARY KEY (date_id, {ids})"
-    counts = ", ".join(f"{m} {'REAL' if m == 'cost' else count}" for m in COUNTS)
-    db.execute(f"CREATE TABLE fact_ad_metrics_daily (date_id INTEGER, {ids}, {counts}{unique})")  # fmt: skip
-    db.executemany("INSERT INTO fact_ad_metrics_daily VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                   [(date_ids.get(f["day"], f["date_id"]), *(f[d] for d in DIMS), f["impressions"],
-                     f["clicks"], f["cost"] / 100, f["conversions"], f["likes"]) for f in FACTS])  # fmt: skip
+        insert = f"INSERT INTO {table} ({id_column}, {name_column}) VALUES (?, ?)"
+        db.executemany(insert, names.items())
+    types = [f"{c} {'REAL' if c == 'cost' else count}" for c in FACT_COLUMNS[7:]]
+    columns = ", ".join([f"{c} INTEGER" for c in FACT_COLUMNS[:7]] + types)
+    unique = "" if variant == "no unique key" else f", PRIMARY KEY ({', '.join(FACT_COLUMNS[:7])})"  # fmt: skip
+    db.execute(f"CREATE TABLE fact_ad_metrics_daily ({columns}{unique})")
+    rows = [(date_ids.get(f["day"], f["date_id"]), *(f[d] for d in DIMS), f["impressions"],
+             f["clicks"], f["cost"] / 100, f["conversions"], f["likes"]) for f in FACTS]  # fmt: skip
+    db.executemany(f"INSERT INTO fact_ad_metrics_daily VALUES ({', '.join('?' * 12)})", rows)  # fmt: skip
     db.commit()
     db.close()
     return path
-
-
-def values(params: dict, name: str) -> list[str]:
-    raw = params.get(name, [])
-    return [raw] if isinstance(raw, str) else list(raw)
 
 
 def label(fact: dict, field: str) -> str | None:
@@ -561,31 +573,34 @@ def metrics(s: dict) -> dict:
 
 def reference(params: dict) -> tuple[list[dict], dict]:
     """Answer a /metrics query as the contract says: every row, in order, and totals."""
-    wanted = {d: {v.casefold() for v in values(params, d)} for d in DIMS if values(params, d)}  # fmt: skip
-    start, end = params.get("start_date"), params.get("end_date")
+    wanted = {d: {v.casefold() for v in as_list(params[d])} for d in DIMS if d in params}  # fmt: skip
+    start, end = params.get("start_date", "0"), params.get("end_date", "9")
+    ranged = "start_date" in params or "end_date" in params  # holds no unknown date
 
     def matches(f) -> bool:
-        if (start or end) and f["day"] is None:
-            return False  # a date not in dim_date is in no range
-        if start and f["day"] < start or end and f["day"] > end:
+        if (ranged and f["day"] is None) or not start <= (f["day"] or "0") <= end:
             return False
-        return all((label(f, d) or "\0").casefold() in names for d, names in wanted.items())  # fmt: skip
+        return all((label(f, d) or "").casefold() in names for d, names in wanted.items())  # fmt: skip
 
     rows = [f for f in FACTS if matches(f)]
-    fields = values(params, "group_by") or GRAIN
-    groups: dict[tuple, dict] = {}
-    for i, f in enumerate(rows):  # the grain keeps each fact row apart
-        key = (i,) if set(fields) == set(GRAIN) else tuple(label(f, x) for x in fields)
-        group = groups.setdefault(key, {x: label(f, x) for x in fields} | dict.fromkeys(COUNTS, 0))  # fmt: skip
-        for m in COUNTS:
-            group[m] += f[m]
-    out = [{x: g[x] for x in FIELD_ORDER if x in fields} | metrics(g) for g in groups.values()]  # fmt: skip
-    sort = values(params, "sort")
+    fields = as_list(params.get("group_by", GRAIN))
+    groups = {}
+    for i, f in enumerate(rows):  # a group of labels; in the grain, each row its own
+        key = i if set(fields) == set(GRAIN) else tuple(label(f, x) for x in fields)
+        group = groups.setdefault(key, dict.fromkeys(COUNTS, 0) | {"fact": f})
+        for count in COUNTS:
+            group[count] += f[count]
+    ordered = [
+        x for x in ["date", "week", "month", *DIMS] if x in fields
+    ]  # the model's
+    out = [{x: label(g["fact"], x) for x in ordered} | metrics(g) for g in groups.values()]  # fmt: skip
+    sort = as_list(params.get("sort", []))
     for item in reversed(sort + [f for f in fields if f not in [s.lstrip("-") for s in sort]]):  # fmt: skip
         field, descending = item.lstrip("-"), item.startswith("-")
-        present = sorted((r for r in out if r[field] is not None), key=lambda r: r[field], reverse=descending)  # fmt: skip
+        present = [r for r in out if r[field] is not None]
+        present.sort(key=lambda r: r[field], reverse=descending)  # stable, either way
         out = present + [r for r in out if r[field] is None]  # null last either way
-    return out, metrics({m: sum(f[m] for f in rows) for m in COUNTS})
+    return out, metrics({count: sum(f[count] for f in rows) for count in COUNTS})
 
 
 def check_page(response, params: dict) -> None:
@@ -596,8 +611,8 @@ def check_page(response, params: dict) -> None:
     body = response.json()
     assert_rows_equal(body["data"], rows[offset : offset + limit])
     assert_rows_equal([body["totals"]], [totals])
-    assert body["paging"]["total_rows"] == len(rows)
-    assert [body["paging"]["limit"], body["paging"]["offset"]] == [limit, offset]
+    paging = {"limit": limit, "offset": offset, "total_rows": len(rows)}
+    assert body["paging"] == paging | {"next": body["paging"]["next"]}
     assert (body["paging"]["next"] is None) == (offset + limit >= len(rows))
 
 
@@ -613,34 +628,38 @@ def assert_rows_equal(rows: list[dict], expected: list[dict]) -> None:
                 assert row[key] == value, (key, row, want)
 
 
-# Generated queries ---------------------------------------------------------------------
+def as_list(value) -> list:
+    return [value] if isinstance(value, str) else list(value)
 
-VALID = st.fixed_dictionaries(  # a well-formed query, any subset of the parameters
+
+# Generated queries ----------------------------------------------------------------------
+
+VALID = st.fixed_dictionaries(  # a well-formed query: any of the parameters
     {},
     optional={
         "start_date": st.dates(date(2025, 1, 1), date(2025, 1, 31)).map(date.isoformat),
         "end_date": st.dates(date(2025, 2, 1), date(2025, 3, 1)).map(date.isoformat),
-        **{dim: st.lists(st.sampled_from(list(names.values())).map(str.upper), min_size=1, max_size=2)
-           for dim, (*_, names) in DIMS.items()},
+        **{dim: st.lists(st.sampled_from(list(names.values())).map(str.upper),
+                         min_size=1, max_size=2) for dim, (*_, names) in DIMS.items()},
         "group_by": st.tuples(st.sampled_from([[], ["date"], ["week"], ["month"]]),
-                              st.lists(st.sampled_from(list(DIMS)), min_size=1, max_size=3, unique=True))
-                      .map(lambda t: t[0] + t[1]),
+                              st.lists(st.sampled_from(list(DIMS)), min_size=1,
+                                       max_size=3, unique=True)).map(lambda t: t[0] + t[1]),
         "sort": st.lists(st.sampled_from(main.METRICS), min_size=1, max_size=2, unique=True)
                   .map(lambda fields: ["-" * (len(f) % 2) + f for f in fields]),
         "limit": st.integers(1, 1000).map(str),
         "offset": st.one_of(st.integers(0, 3000), st.just(2**63 - 1)).map(str),
     },
 )  # fmt: skip
-PARAMETERS = ["start_date", "end_date", *DIMS, "group_by", "sort", "limit", "offset"]
 ODD = st.tuples(  # mostly known names, so that odd values meet their checks
-    st.sampled_from([*PARAMETERS * 3, "", "Offset", "limit "]) | st.text(max_size=8),
+    st.sampled_from([*main.MetricsQuery.model_fields] * 3 + ["", "Offset", "limit "])
+    | st.text(max_size=8),
     st.sampled_from(["", "-", "--cost", "0000-01-01", "9" * 25, "%", "' OR 1=1 --", "x" * 5000,
                      "-1", "0", "1001", str(2**63), str(10**30), "2025-02-30", "1e3"])
     | st.text(max_size=30) | st.integers(-(2**70), 2**70).map(str),
 )  # fmt: skip
 
 
-# Helpers ---------------------------------------------------------------------------------
+# Helpers --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -657,27 +676,19 @@ def db_path(tmp_path) -> Path:
     return build_db(tmp_path / "ads.db")
 
 
-def settings_for(path: Path, **env: str) -> main.Settings:
-    return main.Settings.from_env({"ADS_DB": str(path), **env})
-
-
 @contextmanager
 def serve(path: Path, **env: str):
     """The service on the file at path, in this process, with these settings."""
-    with patch.object(main, "settings", settings_for(path, **env)), TestClient(main.app) as client:  # fmt: skip
+    settings = main.Settings.from_env({"ADS_DB": str(path), **env})
+    with patch.object(main, "settings", settings), TestClient(main.app) as client:
         yield client
-
-
-def set_journal_mode(path: Path, mode: str) -> None:
-    with sqlite3.connect(path) as db:
-        db.execute(f"PRAGMA journal_mode = {mode}")
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def wait_until(condition, timeout: float = 10.0):
+def wait_until(condition, timeout: float = 30.0):
     """Poll `condition` until it returns something true; fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not (result := condition()):
@@ -686,19 +697,20 @@ def wait_until(condition, timeout: float = 10.0):
     return result
 
 
-def start_server(path: Path, log: Path, *args: str, command=None, **env: str):
+def start(path: Path, log: Path, *args: str, command=None, **env: str):
     """Start `uvicorn main:app` (or `command`) on the file at path, on a free port."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = command or [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port), *args]  # fmt: skip
+    command = command or [sys.executable, "-m", "uvicorn", "main:app", *args]
     env = os.environ | {"ADS_DB": str(path), "PORT": str(port), **env}
-    process = subprocess.Popen(command, cwd=HERE, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
-    return process, f"http://127.0.0.1:{port}", log
+    command += ["--port", str(port)] if "uvicorn" in command else []
+    output = {"stdout": log.open("w"), "stderr": subprocess.STDOUT}
+    return subprocess.Popen(command, cwd=HERE, env=env, **output), f"http://127.0.0.1:{port}", log  # fmt: skip
 
 
 def stop(process: subprocess.Popen) -> int:
-    """SIGTERM the server; kill it if it has not stopped in 10 s. Its exit status."""
+    """SIGTERM a server; kill it if it has not stopped in 10 s. Its exit status."""
     process.send_signal(signal.SIGTERM)
     try:
         return process.wait(timeout=10)
