@@ -139,6 +139,13 @@ class Metrics(BaseModel):
     cpa: float | None = Field(description="cost / conversions")
     conversion_rate: float | None = Field(description="conversions / clicks")
 
+    @field_validator("cost", "ctr", "cpc", "cpm", "cpa", "conversion_rate")
+    @classmethod
+    def as_written(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """The decimal itself: SQLite's round() can land a bit beside it."""
+        places = 2 if info.field_name == "cost" else 6
+        return None if value is None else round(value, places)
+
 
 class Group(BaseModel):
     """The group_by fields of a row; a name is null where its id is not in its table."""
