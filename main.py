@@ -61,7 +61,7 @@ DIMENSIONS = {
     "device_type": ("dim_device_type", "device_type_id", "device_type_name"),
 }
 PERIODS = ["date", "week", "month"]
-GroupField = Literal[*PERIODS, *DIMENSIONS]
+GroupField = Literal[*PERIODS, *DIMENSIONS]  # any period or dimension
 DATES = ("dim_date", "date_id", "date_value")  # the seventh dimension
 GRAIN = ["date", *DIMENSIONS]  # the default breakdown: a row per fact row
 COUNTS = ["impressions", "clicks", "cost", "conversions", "likes"]
@@ -351,21 +351,19 @@ async def answer(db: aiosqlite.Connection, query: MetricsQuery) -> tuple[list, d
     facts = facts_sql(query.group_by, where, dated)
     fields = ", ".join(query.group_by)
     if set(query.group_by) == set(GRAIN):  # a row per fact row: nothing to add up
-        rows = f"({facts})"
-        counted = f"({facts_sql([], where, dated)})"  # the totals need no names
+        page_from = f"({facts})"
+        totals_from = f"({facts_sql([], where, dated)})"  # the totals need no names
     else:  # the groups, added up once into a table of the connection's own
         groups = f"SELECT {fields}, {SUMS} FROM ({facts}) GROUP BY {fields}"
         await db.execute(f"CREATE TEMP TABLE groups AS {groups}", params)
-        rows, counted, params = "groups", "groups", []
+        page_from, totals_from, params = "groups", "groups", []
     order = order_sql(query)
-    page_sql = (
-        f"SELECT {fields}, {OUTPUT} FROM {rows} ORDER BY {order} LIMIT ? OFFSET ?"
-    )
-    page = await db.execute_fetchall(page_sql, [*params, query.limit, query.offset])
-    counts = f"SELECT count(*) AS total_rows, {SUMS} FROM {counted}"
-    [totals] = await db.execute_fetchall(
-        f"SELECT total_rows, {OUTPUT} FROM ({counts})", params
-    )
+    page_sql = f"SELECT {fields}, {OUTPUT} FROM {page_from} ORDER BY {order}"
+    page_params = [*params, query.limit, query.offset]
+    page = await db.execute_fetchall(f"{page_sql} LIMIT ? OFFSET ?", page_params)
+    counts = f"SELECT count(*) AS total_rows, {SUMS} FROM {totals_from}"
+    totals_sql = f"SELECT total_rows, {OUTPUT} FROM ({counts})"
+    [totals] = await db.execute_fetchall(totals_sql, params)
     return [dict(row) for row in page], dict(totals)
 
 
@@ -385,18 +383,22 @@ async def heartbeat(app: FastAPI) -> None:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Check that the data file can be served, then run the heartbeat until the end:
     now, then on a grid of its interval from the epoch in UTC (00:00, 06:00, 12:00 and
-    18:00 for 6 hours), in this event loop. APScheduler logs a run that fails."""
+    18:00 for 6 hours), in this event loop; a late run still runs, once. APScheduler
+    logs a run that fails, and goes on."""
     logging.basicConfig(format="%(levelname)s:  %(name)s[%(process)d] %(message)s")
     log.setLevel(settings.log_level)
     if not os.path.exists(settings.db_path):
         raise RuntimeError(MISSING.format(settings.db_path))
     if error := await schema_error():
         raise RuntimeError(f"database {settings.db_path} cannot be read: {error}")
-    app.state.last_heartbeat = None
-    app.state.scheduler = scheduler = AsyncIOScheduler(timezone=UTC)
+    scheduler = AsyncIOScheduler(
+        timezone=UTC, job_defaults={"misfire_grace_time": None}
+    )
     grid = IntervalTrigger(seconds=settings.heartbeat_interval, start_date=EPOCH)
     scheduler.add_job(heartbeat, grid, args=[app], id="heartbeat")
     scheduler.add_job(heartbeat, args=[app])  # once, now
+    app.state.last_heartbeat = None
+    app.state.scheduler = scheduler
     scheduler.start()
     yield
     scheduler.shutdown()
@@ -406,6 +408,7 @@ UNAVAILABLE = {503: {"description": "The data cannot be read now; detail says wh
 app = FastAPI(title="Ad Metrics API", lifespan=lifespan, responses=UNAVAILABLE)
 
 
+# A row holds only its group_by fields: the others are unset, and left out.
 @app.get("/metrics", response_model=MetricsPage, response_model_exclude_unset=True)
 async def get_metrics(
     request: Request, query: Annotated[MetricsQuery, Query()], db: DbDep
