@@ -62,11 +62,13 @@ DIMENSIONS = {
 }
 PERIODS = ["date", "week", "month"]
 GroupField = Literal[*PERIODS, *DIMENSIONS]  # any period or dimension
-DATES = ("dim_date", "date_id", "date_value")  # the seventh dimension
+DATES = ("dim_date", "date_id", "date_value")  # where date, week and month come from
 GRAIN = ["date", *DIMENSIONS]  # the default breakdown: a row per fact row
 COUNTS = ["impressions", "clicks", "cost", "conversions", "likes"]
 METRICS = [*COUNTS, "ctr", "cpc", "cpm", "cpa", "conversion_rate"]
-NAMES = "Only rows with these names (see /dimensions), in any case; repeat for more."
+NAMES_HELP = (
+    "Only rows with these names (see /dimensions), in any case; repeat for more."
+)
 MISSING = "database {0} is missing; create it with: python seed.py --db {0}"
 
 
@@ -77,12 +79,12 @@ class MetricsQuery(BaseModel):
 
     start_date: date | None = Field(None, description="The first day, YYYY-MM-DD.")
     end_date: date | None = Field(None, description="The last day, YYYY-MM-DD.")
-    region: list[str] = Field([], description=NAMES)
-    age_group: list[str] = Field([], description=NAMES)
-    gender: list[str] = Field([], description=NAMES)
-    platform: list[str] = Field([], description=NAMES)
-    placement: list[str] = Field([], description=NAMES)
-    device_type: list[str] = Field([], description=NAMES)
+    region: list[str] = Field([], description=NAMES_HELP)
+    age_group: list[str] = Field([], description=NAMES_HELP)
+    gender: list[str] = Field([], description=NAMES_HELP)
+    platform: list[str] = Field([], description=NAMES_HELP)
+    placement: list[str] = Field([], description=NAMES_HELP)
+    device_type: list[str] = Field([], description=NAMES_HELP)
     group_by: list[GroupField] = Field(GRAIN, description="At most one period.")
     sort: list[str] = Field([], description="Answer fields; '-' for descending.")
     limit: int = Field(100, ge=1, le=1000, description="The rows on a page.")
@@ -106,7 +108,7 @@ class MetricsQuery(BaseModel):
 
     @field_validator("group_by")
     @classmethod
-    def one_period_each_once(cls, fields: list[str]) -> list[str]:
+    def check_group_by(cls, fields: list[str]) -> list[str]:
         if len(set(fields)) < len(fields) or len(set(fields) & set(PERIODS)) > 1:
             raise ValueError("name each field once, and at most one period")
         return fields
@@ -141,8 +143,8 @@ class Metrics(BaseModel):
 
     @field_validator("cost", "ctr", "cpc", "cpm", "cpa", "conversion_rate")
     @classmethod
-    def as_written(cls, value: float | None, info: ValidationInfo) -> float | None:
-        """The decimal itself: SQLite's round() can land a bit beside it."""
+    def round_to_places(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """Round again in Python: SQLite's round() can return a float a hair off."""
         places = 2 if info.field_name == "cost" else 6
         return None if value is None else round(value, places)
 
@@ -195,7 +197,7 @@ class Dimensions(BaseModel):
     device_type: list[str]
 
 
-class Heartbeat(BaseModel):
+class SchedulerState(BaseModel):
     running: bool
     next_run_at: datetime | None = Field(description="The next run, in UTC.")
     last_run: datetime | None = Field(description="This worker's last run, in UTC.")
@@ -203,7 +205,7 @@ class Heartbeat(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"]
-    scheduler: Heartbeat
+    scheduler: SchedulerState
 
 
 # The SQL ----------------------------------------------------------------------------
@@ -217,10 +219,10 @@ LABELS = {
     dim: f"CAST({table}.{name} AS TEXT)" for dim, (table, _, name) in DIMENSIONS.items()
 }
 # The counts of a fact row f, a null counted as 0; the counts of rows, added up.
-VALUES = ", ".join(f"coalesce(f.{count}, 0) AS {count}" for count in COUNTS)
-SUMS = ", ".join(f"coalesce(sum({count}), 0) AS {count}" for count in COUNTS)
+COUNTS_SQL = ", ".join(f"coalesce(f.{count}, 0) AS {count}" for count in COUNTS)
+SUMS_SQL = ", ".join(f"coalesce(sum({count}), 0) AS {count}" for count in COUNTS)
 # The ten metrics of a row of counts; the ratios are of the cost before rounding.
-OUTPUT = """impressions, clicks, round(cost, 2) AS cost, conversions, likes,
+METRICS_SQL = """impressions, clicks, round(cost, 2) AS cost, conversions, likes,
     round(1.0 * clicks / nullif(impressions, 0), 6) AS ctr,
     round(1.0 * cost / nullif(clicks, 0), 6) AS cpc,
     round(1000.0 * cost / nullif(impressions, 0), 6) AS cpm,
@@ -229,18 +231,21 @@ OUTPUT = """impressions, clicks, round(cost, 2) AS cost, conversions, likes,
 
 
 def facts_sql(fields: list[str], where: str = "", dated: bool = False) -> str:
-    """The fact rows f that `where` keeps, with the labels of these fields and the
-    counts. A LEFT JOIN brings each field's dimension table (and dim_date if `dated`,
-    for a WHERE on dates), keeping a fact row whose id is not there, with null."""
+    """Select the fact rows that pass `where`, with the labels of `fields` and the
+    counts. Each field's table is joined; so is dim_date when `dated`, for a WHERE
+    on dates. LEFT JOIN keeps a fact row whose id is missing from a table."""
+    joined = [*fields, "date"] if dated else fields
     tables = []
-    for field in [*fields, "date"] if dated else fields:
+    for field in joined:
         table, id_column, _ = DIMENSIONS.get(field, DATES)
         join = f"LEFT JOIN {table} ON {table}.{id_column} = f.{id_column}"
-        if join not in tables:  # one join for date and the date range
+        if join not in tables:  # date and the date range share one join
             tables.append(join)
     labels = "".join(f"{LABELS[field]} AS {field}, " for field in fields)
     joins = " ".join(tables)
-    return f"SELECT {labels}{VALUES} FROM fact_ad_metrics_daily AS f {joins} {where}"
+    return (
+        f"SELECT {labels}{COUNTS_SQL} FROM fact_ad_metrics_daily AS f {joins} {where}"
+    )
 
 
 # A statement that reads no row, but fails if a table or a column is not in the file.
@@ -289,9 +294,9 @@ async def schema_error() -> sqlite3.Error | None:
 
 
 async def get_db() -> AsyncIterator[aiosqlite.Connection]:
-    """A connection for one request. Made anew each time, it follows the data file when
-    it is replaced or removed; SQLite interrupts a statement past the time limit. A
-    failure of the file is a 503 that says so, a fault of our own SQL a 500."""
+    """Open a new connection for each request, so that a replaced or removed file is
+    noticed at once. SQLite stops a statement that runs past the time limit. Errors
+    caused by the file become 503s; an error in our own SQL stays a 500."""
     if not os.path.exists(settings.db_path):
         raise HTTPException(503, MISSING.format(settings.db_path))
     deadline = time.monotonic() + settings.query_timeout
@@ -344,8 +349,10 @@ async def filter_ids(db: aiosqlite.Connection, query: MetricsQuery) -> dict:
     return ids
 
 
-async def answer(db: aiosqlite.Connection, query: MetricsQuery) -> tuple[list, dict]:
-    """The rows of a query's page, and its totals with the count of all its rows."""
+async def answer(
+    db: aiosqlite.Connection, query: MetricsQuery
+) -> tuple[list, dict, int]:
+    """The rows of a query's page, its totals, and the number of all its rows."""
     where, params = where_sql(query, await filter_ids(db, query))
     dated = bool(query.start_date or query.end_date)
     facts = facts_sql(query.group_by, where, dated)
@@ -353,18 +360,21 @@ async def answer(db: aiosqlite.Connection, query: MetricsQuery) -> tuple[list, d
     if set(query.group_by) == set(GRAIN):  # a row per fact row: nothing to add up
         page_from = f"({facts})"
         totals_from = f"({facts_sql([], where, dated)})"  # the totals need no names
-    else:  # the groups, added up once into a table of the connection's own
-        groups = f"SELECT {fields}, {SUMS} FROM ({facts}) GROUP BY {fields}"
+    else:  # add the groups up once, into a temporary table of this connection
+        groups = f"SELECT {fields}, {SUMS_SQL} FROM ({facts}) GROUP BY {fields}"
         await db.execute(f"CREATE TEMP TABLE groups AS {groups}", params)
-        page_from, totals_from, params = "groups", "groups", []
+        page_from = totals_from = "groups"
+        params = []  # the filters are applied: the table holds only matching groups
     order = order_sql(query)
-    page_sql = f"SELECT {fields}, {OUTPUT} FROM {page_from} ORDER BY {order}"
+    page_sql = f"SELECT {fields}, {METRICS_SQL} FROM {page_from} ORDER BY {order}"
     page_params = [*params, query.limit, query.offset]
     page = await db.execute_fetchall(f"{page_sql} LIMIT ? OFFSET ?", page_params)
-    counts = f"SELECT count(*) AS total_rows, {SUMS} FROM {totals_from}"
-    totals_sql = f"SELECT total_rows, {OUTPUT} FROM ({counts})"
-    [totals] = await db.execute_fetchall(totals_sql, params)
-    return [dict(row) for row in page], dict(totals)
+    counts = f"SELECT count(*) AS total_rows, {SUMS_SQL} FROM {totals_from}"
+    totals_sql = f"SELECT total_rows, {METRICS_SQL} FROM ({counts})"
+    [totals_row] = await db.execute_fetchall(totals_sql, params)
+    totals = dict(totals_row)
+    total_rows = totals.pop("total_rows")
+    return [dict(row) for row in page], totals, total_rows
 
 
 # The heartbeat: the cron job --------------------------------------------------------
@@ -381,10 +391,12 @@ async def heartbeat(app: FastAPI) -> None:
 # The app ----------------------------------------------------------------------------
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Check that the data file can be served, then run the heartbeat until the end:
-    now, then on a grid of its interval from the epoch in UTC (00:00, 06:00, 12:00 and
-    18:00 for 6 hours), in this event loop; a late run still runs, once. APScheduler
-    logs a run that fails, and goes on."""
+    """Check the data file, then run the heartbeat in this event loop until shutdown.
+
+    It runs once now, then every interval counted from the epoch, which for 6 hours
+    is 00:00, 06:00, 12:00 and 18:00 UTC. A late run still runs, once. APScheduler
+    logs a run that fails and keeps the schedule going.
+    """
     logging.basicConfig(format="%(levelname)s:  %(name)s[%(process)d] %(message)s")
     log.setLevel(settings.log_level)
     if not os.path.exists(settings.db_path):
@@ -414,8 +426,7 @@ async def get_metrics(
     request: Request, query: Annotated[MetricsQuery, Query()], db: DbDep
 ) -> MetricsPage:
     """The metrics by `group_by`, filtered, sorted and paged, with their totals."""
-    rows, totals = await answer(db, query)
-    total_rows = totals.pop("total_rows")
+    rows, totals, total_rows = await answer(db, query)
     following = query.offset + query.limit
     next_page = None
     if following < total_rows:  # the same query, further on
@@ -441,7 +452,7 @@ async def health(request: Request, db: DbDep) -> Health:
     """Whether the data file can be read, and when the heartbeat ran and runs next."""
     await db.execute(SCHEMA_SQL)
     scheduler = request.app.state.scheduler
-    state = Heartbeat(
+    state = SchedulerState(
         running=scheduler.running,
         next_run_at=scheduler.get_job("heartbeat").next_run_time,
         last_run=request.app.state.last_heartbeat,
@@ -453,6 +464,7 @@ if __name__ == "__main__":
     if not os.path.exists(settings.db_path):
         import seed
 
-        seed.main(["--db", settings.db_path])
+        if seed.main(["--db", settings.db_path]) != 0:
+            raise SystemExit(1)
     log_level = settings.log_level.lower()
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level)
