@@ -70,6 +70,7 @@ NAMES_HELP = (
     "Only rows with these names (see /dimensions), in any case; repeat for more."
 )
 MISSING = "database {0} is missing; create it with: python seed.py --db {0}"
+UNREADABLE = "database {0} cannot be read ({1}); point ADS_DB at an ad-metrics file"
 
 
 class MetricsQuery(BaseModel):
@@ -313,8 +314,7 @@ async def get_db() -> AsyncIterator[aiosqlite.Connection]:
             raise HTTPException(503, f"{took}; {advice}") from None
         if name == "SQLITE_ERROR" and not await schema_error():
             raise  # the file is sound: the statement is at fault
-        cause = f"database {settings.db_path} cannot be read: {error}"
-        raise HTTPException(503, cause) from None
+        raise HTTPException(503, UNREADABLE.format(settings.db_path, error)) from None
 
 
 DbDep = Annotated[aiosqlite.Connection, Depends(get_db)]
@@ -349,6 +349,17 @@ async def filter_ids(db: aiosqlite.Connection, query: MetricsQuery) -> dict:
     return ids
 
 
+# For group_by=month&region=Oceania&sort=-cost, answer() runs these statements:
+#   CREATE TEMP TABLE groups AS SELECT month, <SUMS_SQL> FROM (
+#       SELECT substr(dim_date.date_value, 1, 7) AS month, <COUNTS_SQL>
+#       FROM fact_ad_metrics_daily AS f
+#       LEFT JOIN dim_date ON dim_date.date_id = f.date_id WHERE f.region_id IN (?)
+#   ) GROUP BY month
+#   SELECT month, <METRICS_SQL> FROM groups
+#       ORDER BY cost DESC NULLS LAST, month ASC NULLS LAST LIMIT ? OFFSET ?
+#   SELECT total_rows, <METRICS_SQL>
+#       FROM (SELECT count(*) AS total_rows, <SUMS_SQL> FROM groups)
+# The default breakdown reads its page and totals from the fact rows instead.
 async def answer(
     db: aiosqlite.Connection, query: MetricsQuery
 ) -> tuple[list, dict, int]:
@@ -402,7 +413,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not os.path.exists(settings.db_path):
         raise RuntimeError(MISSING.format(settings.db_path))
     if error := await schema_error():
-        raise RuntimeError(f"database {settings.db_path} cannot be read: {error}")
+        raise RuntimeError(UNREADABLE.format(settings.db_path, error))
     scheduler = AsyncIOScheduler(
         timezone=UTC, job_defaults={"misfire_grace_time": None}
     )

@@ -1,6 +1,6 @@
 """Create the ad-metrics star schema and fill it with deterministic, realistic data.
 
-    python seed.py [--db PATH] [--start DAY] [--days N] [--density F] [--seed N] [--force]
+  python seed.py [--db PATH] [--start DAY] [--days N] [--density F] [--seed N] [--force]
 
 The database is written to a new file beside the target and then renamed over it, so
 a service reading the target sees the old file or the new one, never half of one.

@@ -335,9 +335,11 @@ def test_a_file_removed_or_replaced_by_a_bad_one_is_a_503_until_one_is_back(db_p
         check_page(client.get("/metrics?group_by=week"), {"group_by": "week"})
     for answer in missing:
         assert (answer.status_code, answer.json()) == (503, {"detail": MISSING.format(db_path)})  # fmt: skip
-    cannot = f"database {db_path} cannot be read"
-    assert (unreadable.status_code, unreadable.json()) == (503, {"detail": f"{cannot}: file is not a database"})  # fmt: skip
-    assert no_schema.json()["detail"] == f"{cannot}: no such table: fact_ad_metrics_daily"  # fmt: skip
+    advice = "point ADS_DB at an ad-metrics file"
+    reason = f"database {db_path} cannot be read (file is not a database); {advice}"
+    assert (unreadable.status_code, unreadable.json()) == (503, {"detail": reason})
+    reason = f"database {db_path} cannot be read (no such table: fact_ad_metrics_daily)"
+    assert no_schema.json() == {"detail": f"{reason}; {advice}"}
 
 
 def test_seed_force_over_the_served_file_is_read_by_the_next_request(tmp_path):
