@@ -163,7 +163,7 @@ def test_a_fact_row_whose_id_is_in_no_table_is_kept_with_a_null_name(fixture_db)
         days = client.get("/metrics?group_by=date").json()["data"]
         ranged = client.get("/metrics?start_date=2000-01-01").json()["totals"]
     assert [row["region"] for row in regions] == ["Alpha", "Mike", "Zulu", None]
-    orphans = [f["impressions"] for f in FACTS if f["region"] == ORPHAN]
+    orphans = [f["impressions"] for f in FACTS if f["region"] >= ORPHAN]
     assert regions[-1]["impressions"] == sum(orphans) > 0
     assert days[-1]["date"] is None  # null last, and in no date range:
     assert ranged["impressions"] == sum(f["impressions"] for f in FACTS if f["day"])
@@ -173,12 +173,17 @@ def test_dimensions_list_names_by_id_and_a_name_stands_for_its_ids_in_any_case(d
     with sqlite3.connect(db_path) as db:
         db.execute("UPDATE dim_region SET region_name = 'mike' WHERE region_id = 2")
         db.execute("UPDATE dim_region SET region_name = NULL WHERE region_id = 5")
-        db.execute("UPDATE dim_age_group SET age_range = 18 WHERE age_id = 4")
+        db.execute(
+            "ALTER TABLE dim_age_group RENAME TO ages"
+        )  # now a column of no type,
+        db.execute("CREATE TABLE dim_age_group AS SELECT age_id, CASE age_id WHEN 4 "
+                   "THEN 18 ELSE age_range END AS age_range FROM ages")  # fmt: skip
         db.execute("UPDATE fact_ad_metrics_daily SET cost = NULL WHERE age_id = 4")
-    with serve(db_path) as client:
+    with serve(db_path) as client:  # where one name is a number, and costs are null
         dimensions = client.get("/dimensions").json()
         mikes = client.get("/metrics?region=MIKE&group_by=region").json()
         [age] = client.get("/metrics?age_group=18&group_by=age_group").json()["data"]
+        [row] = client.get("/metrics?age_group=18&limit=1").json()["data"]
     names = {
         dim: [names[i] for i in sorted(names)] for dim, (*_, names) in DIMS.items()
     }
@@ -188,6 +193,7 @@ def test_dimensions_list_names_by_id_and_a_name_stands_for_its_ids_in_any_case(d
     both = sum(f["impressions"] for f in FACTS if f["region"] in (2, 7))
     assert mikes["totals"]["impressions"] == both
     assert (age["age_group"], age["cost"], age["cpc"]) == ("18", 0.0, 0.0)
+    assert (row["age_group"], row["cost"]) == ("18", 0.0)
 
 
 # GET /metrics: every client error is FastAPI's standard 422 ---------------------------
@@ -467,7 +473,7 @@ def test_python_main_py_seeds_the_file_and_serves_the_readme_s_example(tmp_path)
 
 # The reference: the contract, read again, over the fixture's rows ---------------------
 
-ORPHAN = 99  # an id in no dimension table
+ORPHAN = 99  # an id in no dimension table (and 100, its twin's)
 DIMS = {  # as main.DIMENSIONS, with the names by id
     "region": ("dim_region", "region_id", "region_name",
                {7: "Mike", 2: "Zulu", 5: "Alpha", 9: "Quebec"}),
@@ -507,7 +513,8 @@ def make_facts() -> list[dict]:
         row |= {"impressions": imps, "clicks": clicks, "cost": cost,
                 "conversions": rng.randint(0, clicks // 4) if clicks else 0,
                 "likes": rng.randint(0, imps // 50)}  # fmt: skip
-    return facts
+    twin = next(row for row in facts if row["region"] == ORPHAN)  # its labels, too
+    return [*facts, twin | {"region": ORPHAN + 1}]
 
 
 FACTS = make_facts()
