@@ -145,7 +145,7 @@ class Metrics(BaseModel):
     @field_validator("cost", "ctr", "cpc", "cpm", "cpa", "conversion_rate")
     @classmethod
     def round_to_places(cls, value: float | None, info: ValidationInfo) -> float | None:
-        """Round again in Python: SQLite's round() can return a float a hair off."""
+        """Show cost to the cent and a ratio to 6 decimals, SQL giving them exact."""
         places = 2 if info.field_name == "cost" else 6
         return None if value is None else round(value, places)
 
@@ -222,13 +222,21 @@ LABELS = {
 # The counts of a fact row f, a null counted as 0; the counts of rows, added up.
 COUNTS_SQL = ", ".join(f"coalesce(f.{count}, 0) AS {count}" for count in COUNTS)
 SUMS_SQL = ", ".join(f"coalesce(sum({count}), 0) AS {count}" for count in COUNTS)
-# The ten metrics of a row of counts; the ratios are of the cost before rounding.
-METRICS_SQL = """impressions, clicks, round(cost, 2) AS cost, conversions, likes,
-    round(1.0 * clicks / nullif(impressions, 0), 6) AS ctr,
-    round(1.0 * cost / nullif(clicks, 0), 6) AS cpc,
-    round(1000.0 * cost / nullif(impressions, 0), 6) AS cpm,
-    round(1.0 * cost / nullif(conversions, 0), 6) AS cpa,
-    round(1.0 * conversions / nullif(clicks, 0), 6) AS conversion_rate"""
+# The ratios of a row of counts, null over 0; the ten metrics of such a row, which the
+# answer's model rounds; and a metric as it sorts: rounded as the answer shows it.
+RATIOS = {
+    "ctr": "1.0 * clicks / nullif(impressions, 0)",
+    "cpc": "1.0 * cost / nullif(clicks, 0)",
+    "cpm": "1000.0 * cost / nullif(impressions, 0)",
+    "cpa": "1.0 * cost / nullif(conversions, 0)",
+    "conversion_rate": "1.0 * conversions / nullif(clicks, 0)",
+}
+METRICS_SQL = ", ".join(
+    [*COUNTS, *(f"{sql} AS {name}" for name, sql in RATIOS.items())]
+)
+SORTED_AS_SHOWN = {"cost": "round(cost, 2)"} | {
+    name: f"round({sql}, 6)" for name, sql in RATIOS.items()
+}
 
 
 def facts_sql(fields: list[str], where: str = "", dated: bool = False) -> str:
@@ -271,8 +279,9 @@ def order_sql(query: MetricsQuery) -> str:
     sorted_fields = [item.removeprefix("-") for item in query.sort]
     terms = []
     for item in query.sort + [f for f in query.group_by if f not in sorted_fields]:
+        field = item.removeprefix("-")
         direction = "DESC" if item.startswith("-") else "ASC"
-        terms.append(f"{item.removeprefix('-')} {direction} NULLS LAST")
+        terms.append(f"{SORTED_AS_SHOWN.get(field, field)} {direction} NULLS LAST")
     return ", ".join(terms)
 
 
@@ -356,7 +365,7 @@ async def filter_ids(db: aiosqlite.Connection, query: MetricsQuery) -> dict:
 #       LEFT JOIN dim_date ON dim_date.date_id = f.date_id WHERE f.region_id IN (?)
 #   ) GROUP BY month
 #   SELECT month, <METRICS_SQL> FROM groups
-#       ORDER BY cost DESC NULLS LAST, month ASC NULLS LAST LIMIT ? OFFSET ?
+#       ORDER BY round(cost, 2) DESC NULLS LAST, month ASC NULLS LAST LIMIT ? OFFSET ?
 #   SELECT total_rows, <METRICS_SQL>
 #       FROM (SELECT count(*) AS total_rows, <SUMS_SQL> FROM groups)
 # The default breakdown reads its page and totals from the fact rows instead.
