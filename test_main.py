@@ -196,6 +196,19 @@ def test_dimensions_list_names_by_id_and_a_name_stands_for_its_ids_in_any_case(d
     assert (row["age_group"], row["cost"]) == ("18", 0.0)
 
 
+def test_metrics_sort_as_shown_and_ties_by_the_group_by_fields(db_path):
+    with sqlite3.connect(db_path) as db:  # Zulu's 0.1 + 0.2 is a hair over Alpha's 0.3
+        db.execute("UPDATE fact_ad_metrics_daily SET cost = 0")
+        for region, cost in [(2, 0.1), (2, 0.2), (5, 0.3)]:
+            db.execute("UPDATE fact_ad_metrics_daily SET cost = ? WHERE rowid = "
+                       "(SELECT min(rowid) FROM fact_ad_metrics_daily WHERE region_id = ? "
+                       "AND cost = 0)", [cost, region])  # fmt: skip
+    with serve(db_path) as client:
+        rows = client.get("/metrics?group_by=region&sort=-cost").json()["data"]
+    assert [(row["region"], row["cost"]) for row in rows] == [
+        ("Alpha", 0.3), ("Zulu", 0.3), ("Mike", 0.0), (None, 0.0)]  # fmt: skip
+
+
 # GET /metrics: every client error is FastAPI's standard 422 ---------------------------
 
 BAD = {  # name -> (query string, parameter in loc, text the message holds)
