@@ -70,7 +70,8 @@ NAMES_HELP = (
     "Only rows with these names (see /dimensions), in any case; repeat for more."
 )
 MISSING = "database {0} is missing; create it with: python seed.py --db {0}"
-UNREADABLE = "database {0} cannot be read ({1}); point ADS_DB at an ad-metrics file"
+UNREADABLE = "database {0} cannot be read ({1}); {2}"
+POINT_ADS_DB = "point ADS_DB at an ad-metrics file"
 
 
 class MetricsQuery(BaseModel):
@@ -144,8 +145,9 @@ class Metrics(BaseModel):
 
     @field_validator("cost", "ctr", "cpc", "cpm", "cpa", "conversion_rate")
     @classmethod
-    def round_to_places(cls, value: float | None, info: ValidationInfo) -> float | None:
-        """Show cost to the cent and a ratio to 6 decimals, SQL giving them exact."""
+    def as_decimal(cls, value: float | None, info: ValidationInfo) -> float | None:
+        """Turn SQL's rounded value into the float that prints as its decimal: SQLite's
+        round() can give 1.0620560000000001 for 1.062056."""
         places = 2 if info.field_name == "cost" else 6
         return None if value is None else round(value, places)
 
@@ -222,21 +224,14 @@ LABELS = {
 # The counts of a fact row f, a null counted as 0; the counts of rows, added up.
 COUNTS_SQL = ", ".join(f"coalesce(f.{count}, 0) AS {count}" for count in COUNTS)
 SUMS_SQL = ", ".join(f"coalesce(sum({count}), 0) AS {count}" for count in COUNTS)
-# The ratios of a row of counts, null over 0; the ten metrics of such a row, which the
-# answer's model rounds; and a metric as it sorts: rounded as the answer shows it.
-RATIOS = {
-    "ctr": "1.0 * clicks / nullif(impressions, 0)",
-    "cpc": "1.0 * cost / nullif(clicks, 0)",
-    "cpm": "1000.0 * cost / nullif(impressions, 0)",
-    "cpa": "1.0 * cost / nullif(conversions, 0)",
-    "conversion_rate": "1.0 * conversions / nullif(clicks, 0)",
-}
-METRICS_SQL = ", ".join(
-    [*COUNTS, *(f"{sql} AS {name}" for name, sql in RATIOS.items())]
-)
-SORTED_AS_SHOWN = {"cost": "round(cost, 2)"} | {
-    name: f"round({sql}, 6)" for name, sql in RATIOS.items()
-}
+# The ten metrics of a row of counts, as the answer shows and sorts them: cost to the
+# cent, and each ratio (of the cost before rounding) to 6 decimals.
+METRICS_SQL = """impressions, clicks, round(cost, 2) AS cost, conversions, likes,
+    round(1.0 * clicks / nullif(impressions, 0), 6) AS ctr,
+    round(1.0 * cost / nullif(clicks, 0), 6) AS cpc,
+    round(1000.0 * cost / nullif(impressions, 0), 6) AS cpm,
+    round(1.0 * cost / nullif(conversions, 0), 6) AS cpa,
+    round(1.0 * conversions / nullif(clicks, 0), 6) AS conversion_rate"""
 
 
 def facts_sql(fields: list[str], where: str = "", dated: bool = False) -> str:
@@ -279,9 +274,8 @@ def order_sql(query: MetricsQuery) -> str:
     sorted_fields = [item.removeprefix("-") for item in query.sort]
     terms = []
     for item in query.sort + [f for f in query.group_by if f not in sorted_fields]:
-        field = item.removeprefix("-")
         direction = "DESC" if item.startswith("-") else "ASC"
-        terms.append(f"{SORTED_AS_SHOWN.get(field, field)} {direction} NULLS LAST")
+        terms.append(f"{item.removeprefix('-')} {direction} NULLS LAST")
     return ", ".join(terms)
 
 
@@ -323,7 +317,9 @@ async def get_db() -> AsyncIterator[aiosqlite.Connection]:
             raise HTTPException(503, f"{took}; {advice}") from None
         if name == "SQLITE_ERROR" and not await schema_error():
             raise  # the file is sound: the statement is at fault
-        raise HTTPException(503, UNREADABLE.format(settings.db_path, error)) from None
+        advice = "try again" if name == "SQLITE_BUSY" else POINT_ADS_DB
+        reason = UNREADABLE.format(settings.db_path, error, advice)
+        raise HTTPException(503, reason) from None
 
 
 DbDep = Annotated[aiosqlite.Connection, Depends(get_db)]
@@ -365,7 +361,7 @@ async def filter_ids(db: aiosqlite.Connection, query: MetricsQuery) -> dict:
 #       LEFT JOIN dim_date ON dim_date.date_id = f.date_id WHERE f.region_id IN (?)
 #   ) GROUP BY month
 #   SELECT month, <METRICS_SQL> FROM groups
-#       ORDER BY round(cost, 2) DESC NULLS LAST, month ASC NULLS LAST LIMIT ? OFFSET ?
+#       ORDER BY cost DESC NULLS LAST, month ASC NULLS LAST LIMIT ? OFFSET ?
 #   SELECT total_rows, <METRICS_SQL>
 #       FROM (SELECT count(*) AS total_rows, <SUMS_SQL> FROM groups)
 # The default breakdown reads its page and totals from the fact rows instead.
@@ -422,7 +418,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if not os.path.exists(settings.db_path):
         raise RuntimeError(MISSING.format(settings.db_path))
     if error := await schema_error():
-        raise RuntimeError(UNREADABLE.format(settings.db_path, error))
+        raise RuntimeError(UNREADABLE.format(settings.db_path, error, POINT_ADS_DB))
     scheduler = AsyncIOScheduler(
         timezone=UTC, job_defaults={"misfire_grace_time": None}
     )

@@ -199,14 +199,14 @@ def test_dimensions_list_names_by_id_and_a_name_stands_for_its_ids_in_any_case(d
 def test_metrics_sort_as_shown_and_ties_by_the_group_by_fields(db_path):
     with sqlite3.connect(db_path) as db:  # Zulu's 0.1 + 0.2 is a hair over Alpha's 0.3
         db.execute("UPDATE fact_ad_metrics_daily SET cost = 0")
-        for region, cost in [(2, 0.1), (2, 0.2), (5, 0.3)]:
+        for region, cost in [(2, 0.1), (2, 0.2), (5, 0.3), (7, 0.125)]:
             db.execute("UPDATE fact_ad_metrics_daily SET cost = ? WHERE rowid = "
                        "(SELECT min(rowid) FROM fact_ad_metrics_daily WHERE region_id = ? "
                        "AND cost = 0)", [cost, region])  # fmt: skip
     with serve(db_path) as client:
         rows = client.get("/metrics?group_by=region&sort=-cost").json()["data"]
     assert [(row["region"], row["cost"]) for row in rows] == [
-        ("Alpha", 0.3), ("Zulu", 0.3), ("Mike", 0.0), (None, 0.0)]  # fmt: skip
+        ("Alpha", 0.3), ("Zulu", 0.3), ("Mike", 0.13), (None, 0.0)]  # half a cent up  # fmt: skip
 
 
 # GET /metrics: every client error is FastAPI's standard 422 ---------------------------
@@ -359,6 +359,17 @@ def test_a_file_removed_or_replaced_by_a_bad_one_is_a_503_until_one_is_back(db_p
     assert (unreadable.status_code, unreadable.json()) == (503, {"detail": reason})
     reason = f"database {db_path} cannot be read (no such table: fact_ad_metrics_daily)"
     assert no_schema.json() == {"detail": f"{reason}; {advice}"}
+
+
+def test_a_file_locked_past_the_time_limit_is_a_503_to_try_again(db_path):
+    locker = sqlite3.connect(db_path, isolation_level=None)  # another process writes
+    with serve(db_path, QUERY_TIMEOUT_SECONDS="0.2") as client:
+        locker.execute("BEGIN EXCLUSIVE")
+        locked = client.get("/metrics")
+        locker.execute("ROLLBACK")
+        assert client.get("/metrics").status_code == 200
+    reason = f"database {db_path} cannot be read (database is locked); try again"
+    assert (locked.status_code, locked.json()) == (503, {"detail": reason})
 
 
 def test_seed_force_over_the_served_file_is_read_by_the_next_request(tmp_path):
