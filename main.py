@@ -66,9 +66,7 @@ DATES = ("dim_date", "date_id", "date_value")  # where date, week and month come
 GRAIN = ["date", *DIMENSIONS]  # the default breakdown: a row per fact row
 COUNTS = ["impressions", "clicks", "cost", "conversions", "likes"]
 METRICS = [*COUNTS, "ctr", "cpc", "cpm", "cpa", "conversion_rate"]
-NAMES_HELP = (
-    "Only rows with these names (see /dimensions), in any case; repeat for more."
-)
+NAMES_HELP = "Only rows with these names (see /dimensions), in any case; repeat."
 MISSING = "database {0} is missing; create it with: python seed.py --db {0}"
 UNREADABLE = "database {0} cannot be read ({1}); {2}"
 POINT_ADS_DB = "point ADS_DB at an ad-metrics file"
